@@ -1,0 +1,48 @@
+# The two commands of the README:
+#   make bench   set everything up, then run the default benchmark (python -m bench)
+#   make test    set everything up, then run the whole test suite on the CPU (Triton interpreter)
+#
+# Setup is idempotent: a virtual environment in $(VENV) (reusing an importable torch through
+# --system-site-packages, installing torch==2.13.0 only where none is), then the package built
+# with CMake/Ninja (pip install --no-build-isolation -e .). A stamp makes the second run fast.
+
+PYTHON ?= python3
+VENV ?= .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.omnisift-stamp
+SOURCES := setup.py CMakeLists.txt pyproject.toml $(shell find csrc -type f 2>/dev/null)
+# Dependencies beyond torch. Already-satisfied ones are not fetched (the GPU image has them all).
+DEV_DEPS := numpy triton pytest pytest-benchmark hypothesis expecttest tqdm matplotlib "transformers>=5.0,<6"
+
+.PHONY: setup bench test test-quick clean nvcc-check
+
+setup: $(STAMP)
+
+$(VENV)/bin/python:
+	@if $(PYTHON) -c "import torch" >/dev/null 2>&1; then \
+		echo "[setup] torch found in $(PYTHON): venv reuses it (--system-site-packages)"; \
+		$(PYTHON) -m venv --system-site-packages $(VENV); \
+	else \
+		echo "[setup] no importable torch: fresh venv with torch==2.13.0"; \
+		$(PYTHON) -m venv $(VENV); \
+	fi
+
+$(STAMP): $(VENV)/bin/python $(SOURCES)
+	@$(VPY) -c "import torch" >/dev/null 2>&1 || $(VPY) -m pip install -q torch==2.13.0
+	@$(VPY) -m pip install -q $(DEV_DEPS) 2>&1 | grep -v "is ignored: it is neither" || true
+	@$(VPY) -c "import torch, pytest, hypothesis" 
+	$(VPY) -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v "is ignored: it is neither" || true
+	@$(VPY) -c "import omnisift_kernels as o; print('[setup]', o.build_info().summary())"
+	@touch $(STAMP)
+
+bench: setup
+	$(VPY) -m bench
+
+# TRITON_INTERPRET=1 is set in the environment before Python starts, so it is in force before
+# any Triton kernel is defined. Exit code 5 (no tests collected) counts as a failure.
+test: setup
+	TRITON_INTERPRET=1 $(VPY) -m pytest -q -p no:cacheprovider --benchmark-disable tests bench; \
+	rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected: failing"; exit 1; fi; exit $$rc
+
+clean:
+	rm -rf build $(VENV) *.egg-info omnisift_kernels/_C*.so

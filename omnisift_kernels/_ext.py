@@ -1,0 +1,37 @@
+"""Loads the compiled extension ``omnisift_kernels._C`` if it was built.
+
+Importing this module never fails: without the extension (``OMNISIFT_BUILD_EXT=0`` installs, or a
+failed load) it warns once and every public op falls back to pure PyTorch.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+EXT_AVAILABLE: bool = False
+EXT_ERROR: str | None = None
+
+try:  # the .so registers the ops of the ``omnisift`` namespace with TORCH_LIBRARY on import
+    from . import _C  # type: ignore[attr-defined]  # noqa: F401
+
+    EXT_AVAILABLE = True
+except Exception as exc:  # ImportError, or an ABI mismatch with the installed torch
+    EXT_ERROR = f"{type(exc).__name__}: {exc}"
+    warnings.warn(
+        "omnisift_kernels: the compiled extension omnisift_kernels._C is not available "
+        f"({EXT_ERROR}); using pure-PyTorch fallbacks for its ops.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def ext_has_kernel(op_name: str, dispatch_key: str) -> bool:
+    """Whether the extension registered ``omnisift::<op_name>`` for ``dispatch_key`` ("CPU"/"CUDA")."""
+    if not EXT_AVAILABLE:
+        return False
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"omnisift::{op_name}", dispatch_key)
+    except RuntimeError:
+        return False
