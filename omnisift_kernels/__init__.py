@@ -6,5 +6,22 @@ __version__ = "0.1.0"
 
 from . import _ext  # noqa: F401  (loads the compiled extension, or warns once)
 from ._build_info import BuildInfo, build_info
+from .api import compress
+from .presets import PRESETS, RatioPreset, get_preset
+from .result import CompressionResult
+from .selector import VisionGuidedAudioSelector
+from .ste import StraightThroughKeep, straight_through_keep
 
-__all__ = ["BuildInfo", "build_info", "__version__"]
+__all__ = [
+    "BuildInfo",
+    "CompressionResult",
+    "PRESETS",
+    "RatioPreset",
+    "StraightThroughKeep",
+    "VisionGuidedAudioSelector",
+    "__version__",
+    "build_info",
+    "compress",
+    "get_preset",
+    "straight_through_keep",
+]

@@ -1,0 +1,83 @@
+"""Input validation shared by the public entry points. Errors name the op and the argument."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+OUTPUT_LAYOUTS = ("packed", "right", "left")
+
+
+def check_ratio(op: str, name: str, value) -> float:
+    """A removal ratio: a real number with ``0 <= value < 1`` (spec §7)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{op}: {name} must be a float in [0, 1), got {type(value).__name__} {value!r}")
+    value = float(value)
+    if math.isnan(value) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{op}: {name} must satisfy 0 <= {name} < 1, got {value!r}")
+    return value
+
+
+def check_token_id(op: str, name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{op}: {name} must be an int token id, got {type(value).__name__} {value!r}")
+    return int(value)
+
+
+def check_output(op: str, output) -> str:
+    if output not in OUTPUT_LAYOUTS:
+        raise ValueError(f"{op}: output must be one of {OUTPUT_LAYOUTS}, got {output!r}")
+    return output
+
+
+def check_compress_inputs(
+    op: str,
+    inputs_embeds,
+    input_ids,
+    position_ids,
+    attention_mask,
+    labels,
+) -> tuple[int, int, int]:
+    """Checks types, shapes and devices of the compression inputs; returns ``(B, L, D)``."""
+    if not isinstance(inputs_embeds, torch.Tensor):
+        raise TypeError(f"{op}: inputs_embeds must be a torch.Tensor, got {type(inputs_embeds).__name__}")
+    if inputs_embeds.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: inputs_embeds must be float32/bfloat16/float16/float64, got {inputs_embeds.dtype}")
+    if inputs_embeds.dim() != 3:
+        raise ValueError(f"{op}: inputs_embeds must be [B, L, D], got shape {tuple(inputs_embeds.shape)}")
+    B, L, D = inputs_embeds.shape
+    dev = inputs_embeds.device
+
+    def _int_tensor(name, t, shape):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise TypeError(f"{op}: {name} must be an integer tensor, got {t.dtype}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{op}: {name} must have shape {list(shape)}, got {list(t.shape)}")
+        if t.device != dev:
+            raise ValueError(f"{op}: {name} is on {t.device} but inputs_embeds is on {dev}")
+
+    _int_tensor("input_ids", input_ids, (B, L))
+    _int_tensor("position_ids", position_ids, (3, B, L))
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor):
+            raise TypeError(f"{op}: attention_mask must be a torch.Tensor or None, got {type(attention_mask).__name__}")
+        if attention_mask.dtype.is_floating_point or attention_mask.dtype.is_complex:
+            raise TypeError(f"{op}: attention_mask must be a bool or integer tensor, got {attention_mask.dtype}")
+        if tuple(attention_mask.shape) != (B, L):
+            raise ValueError(f"{op}: attention_mask must have shape {[B, L]}, got {list(attention_mask.shape)}")
+        if attention_mask.device != dev:
+            raise ValueError(f"{op}: attention_mask is on {attention_mask.device} but inputs_embeds is on {dev}")
+    if labels is not None:
+        _int_tensor("labels", labels, (B, L))
+    return B, L, D
+
+
+def check_finite(op: str, inputs_embeds: torch.Tensor) -> None:
+    """Raises if the embeddings hold NaN or Inf (one device read)."""
+    if not bool(torch.isfinite(inputs_embeds).all()):
+        raise ValueError(f"{op}: inputs_embeds holds NaN or Inf values; the keep mask would be meaningless")

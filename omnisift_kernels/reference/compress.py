@@ -1,0 +1,209 @@
+"""Reference OmniSIFT compression: readable PyTorch with loops over rows and chunks.
+
+This is the oracle every fast path is tested against. All similarity math is fp32; the tie rule of
+spec §8 (stable sorts: among equal scores the earlier token is ranked first) decides every cut.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..result import CompressionResult
+from ..selector import VisionGuidedAudioSelector
+from ..ste import straight_through_keep
+from .plan import RowPlan, plan_row
+
+COSINE_EPS = 1e-8
+
+
+def num_removed(n: int, rho: float) -> int:
+    """``floor(n * rho)`` in double precision, as Python's ``int(n * rho)`` (spec §3)."""
+    return int(n * rho)
+
+
+def first_k_by_score(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions (into ``scores``) of the ``k`` highest scores; ties go to the earlier index.
+
+    Args:
+        scores: fp32 ``[n]``.
+        k: how many to take, ``0 <= k <= n``.
+
+    Returns:
+        int64 ``[k]`` positions, in ranking order.
+    """
+    order = torch.sort(scores, descending=True, stable=True).indices
+    return order[:k]
+
+
+def spatial_scores(frame: torch.Tensor) -> torch.Tensor:
+    """cos(token, frame mean) for every token of ``frame [n, D]``, fp32 ``[n]``."""
+    x = frame.float()
+    return F.cosine_similarity(x, x.mean(dim=0, keepdim=True), dim=-1, eps=COSINE_EPS)
+
+
+def temporal_scores(second: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    """cos(second[i], first[i]) for two equal-sized frames ``[n, D]``, fp32 ``[n]``."""
+    return F.cosine_similarity(second.float(), first.float(), dim=-1, eps=COSINE_EPS)
+
+
+def prune_chunk_video(embeds: torch.Tensor, frames: list[torch.Tensor], rho_video: float) -> list[torch.Tensor]:
+    """Spatio-temporal pruning of one chunk (spec §3).
+
+    Args:
+        embeds: ``[L, D]`` embeddings of the row.
+        frames: one or two frames, int64 token positions each.
+        rho_video: fraction of the first frame's tokens removed from each pruned frame.
+
+    Returns:
+        The positions dropped from the chunk (one tensor per frame).
+    """
+    first = frames[0]
+    k = num_removed(len(first), rho_video)
+    first_embeds = embeds[first]
+    dropped = [first[first_k_by_score(spatial_scores(first_embeds), k)]]
+    if len(frames) == 2:
+        second = frames[1]
+        if len(second) == len(first):
+            sims = temporal_scores(embeds[second], first_embeds)  # against the unpruned first frame
+            dropped.append(second[first_k_by_score(sims, k)])
+        else:  # frames of different sizes: the second frame is not pruned
+            dropped.append(second[:0])
+    return dropped
+
+
+def _right_pad(rows: list[torch.Tensor], width: int, fill) -> torch.Tensor:
+    out = []
+    for r in rows:
+        pad = r.new_full((width - r.shape[0], *r.shape[1:]), fill)
+        out.append(torch.cat([r, pad], dim=0))
+    return torch.stack(out)
+
+
+def _left_pad(rows: list[torch.Tensor], width: int, fill) -> torch.Tensor:
+    out = []
+    for r in rows:
+        pad = r.new_full((width - r.shape[0], *r.shape[1:]), fill)
+        out.append(torch.cat([pad, r], dim=0))
+    return torch.stack(out)
+
+
+def reference_compress(
+    inputs_embeds: torch.Tensor,
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor,
+    *,
+    video_token_id: int,
+    audio_token_id: int,
+    rho_video: float,
+    rho_audio: float,
+    selector: VisionGuidedAudioSelector | None = None,
+    attention_mask: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    output: str = "packed",
+) -> CompressionResult:
+    """OmniSIFT on a batch, one row and one chunk at a time. Inputs are assumed validated.
+
+    Args:
+        inputs_embeds: ``[B, L, D]`` merged embeddings (fp32/bf16/fp16).
+        input_ids: int ``[B, L]``.
+        position_ids: int ``[3, B, L]`` TMRoPE ids (row 0: time ids).
+        video_token_id: id of video placeholder tokens.
+        audio_token_id: id of audio placeholder tokens.
+        rho_video: fraction of video tokens removed per frame, ``0 <= rho < 1``.
+        rho_audio: fraction of audio tokens removed per scored chunk, ``0 <= rho < 1``.
+        selector: the audio selector; None keeps all audio.
+        attention_mask: ``[B, L]`` (0 at padding) or None.
+        labels: int ``[B, L]`` or None.
+        output: ``"packed"``, ``"right"`` or ``"left"``.
+
+    Returns:
+        A :class:`CompressionResult`.
+    """
+    B, L, D = inputs_embeds.shape
+    device = inputs_embeds.device
+    valid = torch.ones(B, L, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
+    keep_mask = valid.clone()
+    audio_scores = torch.zeros(B, L, dtype=torch.float32, device=device) if selector is not None else None
+    scored = torch.zeros(B, L, dtype=torch.bool, device=device)
+    plans: list[RowPlan] = []
+
+    for b in range(B):
+        plan = plan_row(input_ids[b], position_ids[0, b], valid[b], video_token_id, audio_token_id)
+        plans.append(plan)
+        embeds = inputs_embeds[b]
+        for chunk in plan.chunks:
+            dropped = prune_chunk_video(embeds, chunk.frames, rho_video)
+            for d in dropped:
+                keep_mask[b, d] = False
+            if selector is None or chunk.audio.numel() < 2:
+                continue
+            surviving = torch.cat([f[keep_mask[b, f]] for f in chunk.frames])
+            if surviving.numel() == 0:
+                continue
+            scores = selector(embeds[chunk.audio], embeds[surviving])
+            n_a = chunk.audio.numel()
+            n_keep = n_a - num_removed(n_a, rho_audio)
+            kept = chunk.audio[first_k_by_score(scores.detach().float(), n_keep)]
+            keep_mask[b, chunk.audio] = False
+            keep_mask[b, kept] = True
+            audio_scores = audio_scores.index_put((torch.full_like(chunk.audio, b), chunk.audio), scores.float())
+            scored[b, chunk.audio] = True
+
+    # Gather the kept tokens of every row; kept scored audio rows go through the STE.
+    rows_embeds, rows_pos, rows_labels, rows_index = [], [], [], []
+    for b in range(B):
+        pos = torch.nonzero(keep_mask[b]).flatten()
+        row = inputs_embeds[b, pos]
+        if audio_scores is not None:
+            ste_rows = torch.nonzero(scored[b, pos]).flatten()
+            if ste_rows.numel():
+                through = straight_through_keep(row[ste_rows], audio_scores[b, pos[ste_rows]])
+                row = row.index_copy(0, ste_rows, through)
+        rows_embeds.append(row)
+        rows_pos.append(position_ids[:, b, pos].transpose(0, 1))  # [n, 3]
+        rows_labels.append(labels[b, pos] if labels is not None else None)
+        rows_index.append(pos + b * L)
+
+    lengths = torch.tensor([r.shape[0] for r in rows_embeds], dtype=torch.int64)
+    cu_seqlens = torch.zeros(B + 1, dtype=torch.int32)
+    cu_seqlens[1:] = torch.cumsum(lengths, 0).to(torch.int32)
+    max_seqlen = int(lengths.max()) if B else 0
+    max_pos = torch.stack(
+        [p.max() if p.numel() else torch.tensor(-1, device=device) for p in rows_pos]
+    ).to(torch.int64)
+    rope_deltas = max_pos.cpu() + 1 - lengths
+
+    def counts(token_id: int, mask: torch.Tensor) -> torch.Tensor:
+        return ((input_ids == token_id) & mask).sum(dim=1).to(torch.int64)
+
+    common = dict(
+        keep_mask=keep_mask,
+        output=output,
+        indices=torch.cat(rows_index).to(torch.int64),
+        cu_seqlens=cu_seqlens.to(device),
+        max_seqlen=max_seqlen,
+        rope_deltas=rope_deltas.to(device),
+        video_kept=counts(video_token_id, keep_mask),
+        video_total=counts(video_token_id, valid),
+        audio_kept=counts(audio_token_id, keep_mask),
+        audio_total=counts(audio_token_id, valid),
+        audio_scores=audio_scores,
+    )
+    if output == "packed":
+        return CompressionResult(
+            inputs_embeds=torch.cat(rows_embeds),
+            position_ids=torch.cat(rows_pos).transpose(0, 1).contiguous(),
+            attention_mask=None,
+            labels=torch.cat(rows_labels) if labels is not None else None,
+            **common,
+        )
+    pad = _right_pad if output == "right" else _left_pad
+    ones = [torch.ones(r.shape[0], dtype=torch.int64, device=device) for r in rows_embeds]
+    return CompressionResult(
+        inputs_embeds=pad(rows_embeds, max_seqlen, 0.0),
+        position_ids=pad(rows_pos, max_seqlen, 0).permute(2, 0, 1).contiguous(),
+        attention_mask=pad(ones, max_seqlen, 0),
+        labels=pad(rows_labels, max_seqlen, -100) if labels is not None else None,
+        **common,
+    )
