@@ -12,9 +12,9 @@ Every named workload of ``shared/spec/workloads.md`` is in :data:`WORKLOADS`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Union
-
 import torch
+
+from .layout import SECONDS_PER_CHUNK, TOKENS_PER_SECOND, Audio, Image, Item, Text, Video, row_length
 
 # Default ids of the Qwen2.5-Omni-7B config.
 AUDIO_TOKEN_ID = 151646
@@ -27,59 +27,8 @@ VIDEO_TOKEN_ID = 151656
 PAD_TOKEN_ID = 151643
 TEXT_VOCAB = 151000  # plain text ids are drawn below the special tokens
 
-TOKENS_PER_SECOND = 25  # audio tokens per second = TMRoPE time ids per second
-SECONDS_PER_CHUNK = 2
 
 
-@dataclasses.dataclass(frozen=True)
-class Text:
-    """``tokens`` plain text tokens (positions advance by one)."""
-
-    tokens: int
-
-
-@dataclasses.dataclass(frozen=True)
-class Video:
-    """A video clip at 2 fps: ``seconds`` temporal grids of ``frame_h x frame_w`` LLM tokens.
-
-    Attributes:
-        seconds: number of frames (temporal grids), one per second.
-        frame_h: LLM tokens per frame along the height (H / 28).
-        frame_w: LLM tokens per frame along the width (W / 28).
-        audio_tokens: audio tokens of the clip's sound track (None: 25 per second; 0: no audio,
-            i.e. a video without audio laid out without audio chunks).
-    """
-
-    seconds: int
-    frame_h: int
-    frame_w: int
-    audio_tokens: int | None = None
-
-    @property
-    def tokens_per_frame(self) -> int:
-        return self.frame_h * self.frame_w
-
-    @property
-    def num_audio(self) -> int:
-        return self.seconds * TOKENS_PER_SECOND if self.audio_tokens is None else self.audio_tokens
-
-
-@dataclasses.dataclass(frozen=True)
-class Audio:
-    """A stand-alone audio clip of ``tokens`` tokens (no video)."""
-
-    tokens: int
-
-
-@dataclasses.dataclass(frozen=True)
-class Image:
-    """An image of ``h x w`` LLM tokens (never pruned)."""
-
-    h: int
-    w: int
-
-
-Item = Union[Text, Video, Audio, Image]
 
 
 @dataclasses.dataclass
@@ -303,21 +252,6 @@ class Workload:
     def num_tokens(self) -> int:
         """Total (unpadded) tokens, counted from the layout."""
         return sum(row_length(list(r)) for r in self.rows)
-
-
-def row_length(items: list[Item]) -> int:
-    """Number of tokens a row of ``items`` takes."""
-    n = 0
-    for it in items:
-        if isinstance(it, Text):
-            n += it.tokens
-        elif isinstance(it, Video):
-            n += it.seconds * it.tokens_per_frame + it.num_audio + (4 if it.num_audio else 2)
-        elif isinstance(it, Audio):
-            n += it.tokens + 2
-        elif isinstance(it, Image):
-            n += it.h * it.w + 2
-    return n
 
 
 def _w(name, d, rows, about):

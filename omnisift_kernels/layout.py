@@ -1,0 +1,80 @@
+"""Host-side layout of omni-modal rows: the media items a processor knows before any tensor exists.
+
+A row is a list of items (:class:`Text`, :class:`Video`, :class:`Audio`, :class:`Image`) in sequence
+order, laid out as Qwen2.5-Omni does (spec §1). The synthetic builder turns items into tensors; the
+fast pipeline turns them (``grid=``) into every size it needs without reading the device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Union
+
+TOKENS_PER_SECOND = 25  # audio tokens per second = TMRoPE time ids per second
+SECONDS_PER_CHUNK = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Text:
+    """``tokens`` plain text tokens (positions advance by one)."""
+
+    tokens: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Video:
+    """A video clip at 2 fps: ``seconds`` temporal grids of ``frame_h x frame_w`` LLM tokens.
+
+    Attributes:
+        seconds: number of frames (temporal grids), one per second.
+        frame_h: LLM tokens per frame along the height (H / 28).
+        frame_w: LLM tokens per frame along the width (W / 28).
+        audio_tokens: audio tokens of the clip's sound track (None: 25 per second; 0: no audio,
+            i.e. a video without audio laid out without audio chunks).
+    """
+
+    seconds: int
+    frame_h: int
+    frame_w: int
+    audio_tokens: int | None = None
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.frame_h * self.frame_w
+
+    @property
+    def num_audio(self) -> int:
+        return self.seconds * TOKENS_PER_SECOND if self.audio_tokens is None else self.audio_tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class Audio:
+    """A stand-alone audio clip of ``tokens`` tokens (no video)."""
+
+    tokens: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Image:
+    """An image of ``h x w`` LLM tokens (never pruned)."""
+
+    h: int
+    w: int
+
+
+Item = Union[Text, Video, Audio, Image]
+
+
+def row_length(items: list[Item]) -> int:
+    """Number of tokens a row of ``items`` takes."""
+    n = 0
+    for it in items:
+        if isinstance(it, Text):
+            n += it.tokens
+        elif isinstance(it, Video):
+            n += it.seconds * it.tokens_per_frame + it.num_audio + (4 if it.num_audio else 2)
+        elif isinstance(it, Audio):
+            n += it.tokens + 2
+        elif isinstance(it, Image):
+            n += it.h * it.w + 2
+    return n

@@ -1,0 +1,293 @@
+"""The batched fast path: one call compresses a whole ragged batch with tensor ops and fused kernels.
+
+Stages (each a function, testable alone; the benchmark times them one by one):
+
+1. :func:`omnisift_kernels.plan.build_plan`: the frame/chunk plan (device, no sync).
+2. sizes: :func:`~omnisift_kernels.plan.read_sizes` (the call's one device-to-host read) or
+   :func:`~omnisift_kernels.plan.sizes_from_grid` (none).
+3. :func:`index_plan`: CSR token lists of frames and chunks, pairs of the temporal comparison.
+4. :func:`video_keep`: fused video scores + segmented selection (the ``k`` most redundant of each
+   frame dropped).
+5. :func:`audio_scores`: the selector on every chunk of every row at once (two projection matmuls
+   over all audio and all surviving video, attention with a key padding mask).
+6. :func:`audio_keep`: segmented selection of the ``n_keep`` best audio tokens of every chunk.
+7. :func:`assemble`: the keep mask, the gather with the straight-through estimator, positions,
+   labels, ``cu_seqlens`` and the padded layouts.
+
+No Python loops over rows, frames or chunks; no ``.item()``/``.tolist()``/``nonzero``/boolean
+indexing except the single sizes read of stage 2 when no ``grid`` is given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+
+import torch
+
+from . import ops
+from .plan import DevicePlan, PlanSizes, build_plan, read_sizes, sizes_from_grid
+from .result import CompressionResult
+from .selector import VisionGuidedAudioSelector
+
+
+def compact_indices(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """Positions of the True entries of a 1-D bool ``mask``, ascending, given their ``count``.
+
+    Like ``mask.nonzero().flatten()`` without the device-to-host read: the caller knows ``count``.
+
+    Returns:
+        int64 ``[count]``.
+    """
+    n = mask.shape[0]
+    slot = torch.where(mask, torch.cumsum(mask, 0) - 1, count)
+    out = torch.empty(count + 1, dtype=torch.int64, device=mask.device)
+    out.scatter_(0, slot, torch.arange(n, device=mask.device))
+    return out[:count]
+
+
+def _offsets(counts: torch.Tensor) -> torch.Tensor:
+    """Exclusive-prefix CSR offsets ``[len + 1]`` of int64 ``counts``."""
+    return torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+
+
+@dataclasses.dataclass
+class IndexPlan:
+    """Stage-3 token lists (exact sizes).
+
+    Attributes:
+        video_index: int64 ``[Nv]`` flat indices of video tokens (ascending).
+        frame_offsets: int64 ``[F + 1]`` CSR offsets of frames into ``video_index``.
+        frame_drop: int64 ``[F]`` tokens to drop per frame.
+        pair_index: int64 ``[Nv]`` flat index of the same-index token of the chunk's first frame for
+            tokens of a paired second frame, -1 elsewhere (spatial saliency).
+        audio_index: int64 ``[Na]`` flat indices of audio tokens, grouped by chunk (in-window audio
+            first, chunk by chunk, then audio outside every window).
+        audio_chunk: int64 ``[Na]`` chunk of each entry of ``audio_index`` (``C`` for outside).
+        audio_offsets: int64 ``[C + 2]`` CSR offsets (the last segment holds outside audio).
+        audio_keep_count: int64 ``[C + 1]`` audio kept per segment.
+    """
+
+    video_index: torch.Tensor
+    frame_offsets: torch.Tensor
+    frame_drop: torch.Tensor
+    pair_index: torch.Tensor
+    audio_index: torch.Tensor
+    audio_chunk: torch.Tensor
+    audio_offsets: torch.Tensor
+    audio_keep_count: torch.Tensor
+
+
+def index_plan(plan: DevicePlan, sizes: PlanSizes) -> IndexPlan:
+    """Stage 3: exact-size CSR lists from the stage-1 buffers (no sync)."""
+    F, C, Nv, Na = sizes.num_frames, sizes.num_chunks, sizes.num_video, sizes.num_audio
+    video_index = compact_indices(plan.is_video, Nv)
+    frame_offsets = _offsets(plan.frame_len[:F])
+    frame_of = plan.frame_id[video_index]
+    # Second frames of equal size compare token i with token i of the chunk's first frame.
+    within = torch.arange(Nv, device=video_index.device) - frame_offsets[frame_of]
+    partner = (frame_offsets[(frame_of - 1).clamp(min=0)] + within).clamp(max=max(Nv - 1, 0))
+    pair_index = torch.where(plan.frame_is_paired[frame_of], video_index[partner], -1)
+
+    audio_flat = compact_indices(plan.is_audio, Na)
+    chunk = plan.audio_chunk[audio_flat].clamp(max=C)  # outside every window -> C
+    order = torch.sort(chunk, stable=True).indices
+    audio_index = audio_flat[order]
+    audio_chunk = chunk[order]
+    outside = Na - sizes.num_audio_assigned
+    seg_counts = torch.cat([plan.chunk_audio[:C], plan.chunk_audio.new_full((1,), outside)])
+    keep_counts = torch.cat([plan.chunk_audio_keep[:C], plan.chunk_audio.new_full((1,), outside)])
+    return IndexPlan(
+        video_index=video_index, frame_offsets=frame_offsets, frame_drop=plan.frame_drop[:F],
+        pair_index=pair_index, audio_index=audio_index, audio_chunk=audio_chunk,
+        audio_offsets=_offsets(seg_counts), audio_keep_count=keep_counts,
+    )
+
+
+def video_keep(x: torch.Tensor, index: IndexPlan) -> torch.Tensor:
+    """Stage 4: bool ``[Nv]``, True for surviving video tokens (aligned with ``video_index``)."""
+    scores = ops.video_scores(x, index.video_index, index.frame_offsets, index.pair_index)
+    return ~ops.segmented_topk_mask(scores, index.frame_offsets, index.frame_drop)
+
+
+def _rows(x: torch.Tensor, flat_index: torch.Tensor) -> torch.Tensor:
+    """Rows ``x[b, l]`` for flat indices ``b*L + l`` (a gather that respects x's strides)."""
+    L = x.shape[1]
+    return x[flat_index // L, flat_index % L]
+
+
+def audio_scores(
+    x: torch.Tensor,
+    selector: VisionGuidedAudioSelector,
+    plan: DevicePlan,
+    sizes: PlanSizes,
+    index: IndexPlan,
+    keep_video: torch.Tensor,
+) -> torch.Tensor:
+    """Stage 5: the selector's fp32 score of every in-window audio token ``[Na_assigned]``.
+
+    All chunks of all rows in one batched call: the two projections run as two matmuls over every
+    surviving video token and every in-window audio token, then the projected tokens are laid into
+    ``[C, max tokens, H]`` blocks and attend with a key padding mask.
+    """
+    C, H = sizes.num_chunks, selector.hidden_dim
+    dev = x.device
+    dtype = selector.param_dtype
+    # Surviving video, grouped by chunk (video_index is ascending, so chunks are contiguous runs).
+    survivors = compact_indices(keep_video, sizes.num_video_kept)
+    video_flat = index.video_index[survivors]
+    video_chunk = plan.frame_chunk[plan.frame_id[video_flat]]
+    video_rank = torch.arange(video_flat.shape[0], device=dev) - _offsets(plan.chunk_video_kept[:C])[video_chunk]
+    v = selector.v_norm(selector.v_proj(_rows(x, video_flat).to(dtype)))
+    n_assigned = sizes.num_audio_assigned
+    audio_flat = index.audio_index[:n_assigned]
+    audio_chunk = index.audio_chunk[:n_assigned]
+    audio_rank = torch.arange(n_assigned, device=dev) - index.audio_offsets[audio_chunk]
+    a = selector.a_norm(selector.a_proj(_rows(x, audio_flat).to(dtype)))
+    v_blocks = v.new_zeros(C, max(sizes.max_chunk_video, 1), H).index_put((video_chunk, video_rank), v)
+    padding = torch.ones(C, v_blocks.shape[1], dtype=torch.bool, device=dev)
+    padding = padding.index_put((video_chunk, video_rank), torch.zeros_like(video_chunk, dtype=torch.bool))
+    # Chunks without surviving video cannot occur (every frame keeps >= 1 token); keep one key open
+    # anyway so that no attention row is fully masked.
+    padding[:, 0] = padding[:, 0] & (plan.chunk_video_kept[:C] > 0)
+    a_blocks = a.new_zeros(C, max(sizes.max_chunk_audio, 1), H).index_put((audio_chunk, audio_rank), a)
+    attended = selector.attend(a_blocks, v_blocks, padding)
+    block_scores = selector._head(attended, a_blocks)
+    return block_scores[audio_chunk, audio_rank]
+
+
+def audio_keep(index: IndexPlan, sizes: PlanSizes, scores: torch.Tensor | None) -> torch.Tensor:
+    """Stage 6: bool ``[Na]``, True for kept audio tokens (aligned with ``index.audio_index``)."""
+    if scores is None:
+        return torch.ones(sizes.num_audio, dtype=torch.bool, device=index.audio_index.device)
+    full = torch.cat([scores.detach().float(), scores.new_zeros(sizes.num_audio - scores.shape[0])])
+    return ops.segmented_topk_mask(full, index.audio_offsets, index.audio_keep_count)
+
+
+def assemble(
+    x: torch.Tensor,
+    position_ids: torch.Tensor,
+    labels: torch.Tensor | None,
+    plan: DevicePlan,
+    sizes: PlanSizes,
+    index: IndexPlan,
+    keep_video: torch.Tensor,
+    keep_audio: torch.Tensor,
+    scores: torch.Tensor | None,
+    output: str,
+) -> CompressionResult:
+    """Stage 7: keep mask, gather with the STE, side tensors and the requested layout."""
+    B, L = plan.batch, plan.seqlen
+    dev = x.device
+    keep = plan.keep_base.clone()
+    keep[index.video_index] = keep_video
+    keep[index.audio_index] = keep_audio
+    T = sizes.total_kept
+    kept_index = compact_indices(keep, T)
+    ste_scores = torch.zeros(B * L, dtype=torch.float32, device=dev)
+    score_map = None
+    if scores is not None:
+        n = scores.shape[0]
+        in_scored = plan.chunk_scored[index.audio_chunk[:n]]
+        ste_scores = ste_scores.index_put((index.audio_index[:n],), torch.where(in_scored, scores.float(), 0.0))
+        score_map = ste_scores.view(B, L)
+    packed = ops.gather_ste(x, kept_index, ste_scores.view(B, L))
+    pos = position_ids.reshape(3, B * L)[:, kept_index]
+    lab = labels.reshape(B * L)[kept_index] if labels is not None else None
+    lengths = plan.kept
+    cu_seqlens = _offsets(lengths).to(torch.int32)
+    row = kept_index // L
+    max_pos = torch.full((B,), -1, dtype=torch.int64, device=dev)
+    max_pos = max_pos.scatter_reduce(0, row, pos.amax(dim=0).to(torch.int64), reduce="amax")
+    common = dict(
+        keep_mask=keep.view(B, L), output=output, indices=kept_index, cu_seqlens=cu_seqlens,
+        max_seqlen=sizes.max_seqlen, rope_deltas=max_pos + 1 - lengths,
+        video_kept=plan.video_kept, video_total=plan.video_total,
+        audio_kept=plan.audio_kept, audio_total=plan.audio_total, audio_scores=score_map,
+    )
+    if output == "packed":
+        return CompressionResult(inputs_embeds=packed, position_ids=pos, attention_mask=None, labels=lab, **common)
+    width = sizes.max_seqlen
+    col = torch.arange(T, device=dev) - cu_seqlens[row].to(torch.int64)
+    if output == "left":
+        col = col + (width - lengths)[row]
+    slot = (row, col)
+    embeds = packed.new_zeros(B, width, x.shape[-1]).index_put(slot, packed)
+    pos_pad = pos.new_zeros(3, B, width)
+    pos_pad[:, row, col] = pos
+    mask = torch.zeros(B, width, dtype=torch.int64, device=dev).index_put(slot, torch.ones_like(row))
+    lab_pad = None
+    if lab is not None:
+        lab_pad = torch.full((B, width), -100, dtype=lab.dtype, device=dev).index_put(slot, lab)
+    return CompressionResult(inputs_embeds=embeds, position_ids=pos_pad, attention_mask=mask, labels=lab_pad, **common)
+
+
+@contextlib.contextmanager
+def _triton_on_cpu(enabled: bool):
+    """Routes the ops' CPU tensors through the Triton launchers (interpreter) while active."""
+    if not enabled:
+        yield
+        return
+    old = os.environ.get("OMNISIFT_TRITON_ON_CPU")
+    os.environ["OMNISIFT_TRITON_ON_CPU"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["OMNISIFT_TRITON_ON_CPU"]
+        else:
+            os.environ["OMNISIFT_TRITON_ON_CPU"] = old
+
+
+def fast_compress(
+    inputs_embeds: torch.Tensor,
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor,
+    *,
+    video_token_id: int,
+    audio_token_id: int,
+    rho_video: float,
+    rho_audio: float,
+    selector: VisionGuidedAudioSelector | None,
+    attention_mask: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    output: str,
+    backend: str,
+    grid=None,
+) -> CompressionResult:
+    """The batched fast path behind :func:`omnisift_kernels.compress` (inputs already validated).
+
+    ``backend`` is ``"cpu"`` (vectorized CPU kernels; CPU tensors) or ``"triton"`` (Triton kernels:
+    CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``). With ``grid`` (per-row layout
+    items of :mod:`omnisift_kernels.layout`) the call never reads the device.
+    """
+    if backend == "cpu" and inputs_embeds.device.type != "cpu":
+        raise RuntimeError(
+            f"omnisift_kernels.compress: backend='cpu' needs CPU tensors, got {inputs_embeds.device}; "
+            "use backend='triton' or 'auto'"
+        )
+    B, L, _ = inputs_embeds.shape
+    valid = (
+        torch.ones(B, L, dtype=torch.bool, device=inputs_embeds.device)
+        if attention_mask is None else attention_mask.bool()
+    )
+    with _triton_on_cpu(backend == "triton" and inputs_embeds.device.type == "cpu"):
+        plan = build_plan(
+            input_ids, position_ids[0], valid, video_token_id=video_token_id, audio_token_id=audio_token_id,
+            rho_video=rho_video, rho_audio=rho_audio, score_audio=selector is not None,
+        )
+        if grid is None:
+            sizes = read_sizes(plan)
+        else:
+            if len(grid) != B:
+                raise ValueError(f"omnisift_kernels.compress: grid must describe {B} rows, got {len(grid)}")
+            sizes, _ = sizes_from_grid(grid, rho_video=rho_video, rho_audio=rho_audio,
+                                       score_audio=selector is not None)
+        index = index_plan(plan, sizes)
+        keep_v = video_keep(inputs_embeds, index)
+        scores = None
+        if selector is not None and sizes.num_audio_assigned and sizes.num_chunks:
+            scores = audio_scores(inputs_embeds, selector, plan, sizes, index, keep_v)
+        keep_a = audio_keep(index, sizes, scores)
+        return assemble(inputs_embeds, position_ids, labels, plan, sizes, index, keep_v, keep_a, scores, output)
