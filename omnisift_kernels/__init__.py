@@ -8,6 +8,7 @@ from . import _ext  # noqa: F401  (loads the compiled extension, or warns once)
 from ._build_info import BuildInfo, build_info
 from .api import compress
 from .presets import PRESETS, RatioPreset, get_preset
+from .modules import OmniSIFTCompressor, SpatioTemporalVideoPruner
 from .result import CompressionResult
 from .selector import VisionGuidedAudioSelector
 from .ste import StraightThroughKeep, straight_through_keep
@@ -15,8 +16,10 @@ from .ste import StraightThroughKeep, straight_through_keep
 __all__ = [
     "BuildInfo",
     "CompressionResult",
+    "OmniSIFTCompressor",
     "PRESETS",
     "RatioPreset",
+    "SpatioTemporalVideoPruner",
     "StraightThroughKeep",
     "VisionGuidedAudioSelector",
     "__version__",

@@ -51,8 +51,9 @@ def compress(
             run raises.
         grid: optional host-side layout metadata (see ``omnisift_kernels.plan.LayoutGrid``) that makes
             the fast path free of device-to-host synchronisation.
-        validate: check the embeddings for NaN/Inf (one device read). None: check when the call
-            synchronises anyway (the reference, or the fast path without ``grid``).
+        validate: check the embeddings for NaN/Inf. None: check when the call synchronises anyway
+            (the reference, or the fast path without ``grid``, where the check rides on the one sizes
+            read); True with ``grid`` costs one device read.
 
     Returns:
         A :class:`CompressionResult`.
@@ -73,9 +74,9 @@ def compress(
     backend = resolve_backend(op, backend, inputs_embeds.device)
     if validate is None:
         validate = backend == "reference" or grid is None
-    if validate:
-        V.check_finite(op, inputs_embeds)
     if backend == "reference":
+        if validate:
+            V.check_finite(op, inputs_embeds)
         return reference_compress(
             inputs_embeds, input_ids, position_ids,
             video_token_id=video_token_id, audio_token_id=audio_token_id,
@@ -89,7 +90,7 @@ def compress(
         video_token_id=video_token_id, audio_token_id=audio_token_id,
         rho_video=rho_video, rho_audio=rho_audio, selector=selector,
         attention_mask=attention_mask, labels=labels, output=output,
-        backend=backend, grid=grid,
+        backend=backend, grid=grid, validate=validate,
     )
 
 

@@ -27,6 +27,7 @@ import os
 import torch
 
 from . import ops
+from ._validation import check_finite
 from .plan import DevicePlan, PlanSizes, build_plan, read_sizes, sizes_from_grid
 from .result import CompressionResult
 from .selector import VisionGuidedAudioSelector
@@ -255,12 +256,14 @@ def fast_compress(
     output: str,
     backend: str,
     grid=None,
+    validate: bool = False,
 ) -> CompressionResult:
     """The batched fast path behind :func:`omnisift_kernels.compress` (inputs already validated).
 
     ``backend`` is ``"cpu"`` (vectorized CPU kernels; CPU tensors) or ``"triton"`` (Triton kernels:
     CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``). With ``grid`` (per-row layout
-    items of :mod:`omnisift_kernels.layout`) the call never reads the device.
+    items of :mod:`omnisift_kernels.layout`) the call never reads the device; without it, one read
+    fetches every size (and, with ``validate``, whether the embeddings are finite).
     """
     if backend == "cpu" and inputs_embeds.device.type != "cpu":
         raise RuntimeError(
@@ -278,8 +281,11 @@ def fast_compress(
             rho_video=rho_video, rho_audio=rho_audio, score_audio=selector is not None,
         )
         if grid is None:
-            sizes = read_sizes(plan)
+            finite = torch.isfinite(inputs_embeds).all() if validate else None
+            sizes = read_sizes(plan, finite)
         else:
+            if validate:
+                check_finite("omnisift_kernels.compress", inputs_embeds)
             if len(grid) != B:
                 raise ValueError(f"omnisift_kernels.compress: grid must describe {B} rows, got {len(grid)}")
             sizes, _ = sizes_from_grid(grid, rho_video=rho_video, rho_audio=rho_audio,

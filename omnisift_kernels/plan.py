@@ -224,9 +224,19 @@ def build_plan(
     )
 
 
-def read_sizes(plan: DevicePlan) -> PlanSizes:
-    """Stage 2 without metadata: the one device-to-host read of the call."""
-    return PlanSizes(*plan.sizes.tolist())
+def read_sizes(plan: DevicePlan, finite: torch.Tensor | None = None) -> PlanSizes:
+    """Stage 2 without metadata: the one device-to-host read of the call.
+
+    Args:
+        plan: the stage-1 plan.
+        finite: optional bool scalar (embeddings all finite) read in the same transfer; a ValueError
+            is raised when it is False.
+    """
+    values = plan.sizes if finite is None else torch.cat([plan.sizes, finite.to(torch.int64).view(1)])
+    host = values.tolist()
+    if finite is not None and not host.pop():
+        raise ValueError("omnisift_kernels.compress: inputs_embeds holds NaN or Inf values; the keep mask would be meaningless")
+    return PlanSizes(*host)
 
 
 # ------------------------------------------------------------------------------------------------
