@@ -14,7 +14,7 @@ SOURCES := setup.py CMakeLists.txt pyproject.toml $(shell find csrc -type f 2>/d
 # Dependencies beyond torch. Already-satisfied ones are not fetched (the GPU image has them all).
 DEV_DEPS := numpy triton pytest pytest-benchmark hypothesis expecttest tqdm matplotlib "transformers>=5.0,<6"
 
-.PHONY: setup bench test test-quick clean nvcc-check
+.PHONY: setup bench test test-all clean
 
 setup: $(STAMP)
 
@@ -41,8 +41,12 @@ bench: setup
 # TRITON_INTERPRET=1 is set in the environment before Python starts, so it is in force before
 # any Triton kernel is defined. Exit code 5 (no tests collected) counts as a failure.
 test: setup
-	TRITON_INTERPRET=1 $(VPY) -m pytest -q -p no:cacheprovider --benchmark-disable tests bench; \
+	TRITON_INTERPRET=1 $(VPY) -m pytest -q -p no:cacheprovider -m "not slow" --benchmark-disable tests bench; \
 	rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected: failing"; exit 1; fi; exit $$rc
 
 clean:
 	rm -rf build $(VENV) *.egg-info omnisift_kernels/_C*.so
+
+# Everything, the slow tests (400 hypothesis layouts, ...) included.
+test-all: setup
+	TRITON_INTERPRET=1 $(VPY) -m pytest -q -p no:cacheprovider --benchmark-disable tests bench

@@ -177,8 +177,13 @@ def assemble(
     keep_audio: torch.Tensor,
     scores: torch.Tensor | None,
     output: str,
+    with_selector: bool,
 ) -> CompressionResult:
-    """Stage 7: keep mask, gather with the STE, side tensors and the requested layout."""
+    """Stage 7: keep mask, gather with the STE, side tensors and the requested layout.
+
+    ``with_selector``: a selector was given (``audio_scores`` is then a ``[B, L]`` map even when no
+    chunk needed scoring).
+    """
     B, L = plan.batch, plan.seqlen
     dev = x.device
     keep = plan.keep_base.clone()
@@ -187,7 +192,7 @@ def assemble(
     T = sizes.total_kept
     kept_index = compact_indices(keep, T)
     ste_scores = torch.zeros(B * L, dtype=torch.float32, device=dev)
-    score_map = None
+    score_map = ste_scores.view(B, L) if with_selector else None
     if scores is not None:
         n = scores.shape[0]
         in_scored = plan.chunk_scored[index.audio_chunk[:n]]
@@ -296,4 +301,7 @@ def fast_compress(
         if selector is not None and sizes.num_audio_assigned and sizes.num_chunks:
             scores = audio_scores(inputs_embeds, selector, plan, sizes, index, keep_v)
         keep_a = audio_keep(index, sizes, scores)
-        return assemble(inputs_embeds, position_ids, labels, plan, sizes, index, keep_v, keep_a, scores, output)
+        return assemble(
+            inputs_embeds, position_ids, labels, plan, sizes, index, keep_v, keep_a, scores, output,
+            with_selector=selector is not None,
+        )

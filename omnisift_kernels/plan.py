@@ -109,6 +109,11 @@ def _count_into(size: int, index: torch.Tensor, weight: torch.Tensor) -> torch.T
     return out.scatter_add_(0, index, weight.to(torch.int64))[:size]
 
 
+def _max_or_zero(t: torch.Tensor) -> torch.Tensor:
+    """The largest entry of a non-negative int64 tensor, 0 when it is empty."""
+    return torch.cat([t, t.new_zeros(1)]).max()
+
+
 def build_plan(
     input_ids: torch.Tensor,
     time_ids: torch.Tensor,
@@ -144,7 +149,7 @@ def build_plan(
     cols = torch.arange(L, device=dev).expand(B, L)
     # Index of the previous video token of the row (-1: none) and its time id.
     last_video = torch.cummax(torch.where(is_video2, cols, -1), dim=1).values
-    prev_video = torch.cat([torch.full((B, 1), -1, dtype=torch.int64, device=dev), last_video[:, :-1]], dim=1)
+    prev_video = torch.cat([torch.full((B, 1), -1, dtype=torch.int64, device=dev), last_video], dim=1)[:, :L]
     prev_time = torch.gather(time_ids, 1, prev_video.clamp(min=0))
     frame_start2 = is_video2 & ((prev_video < 0) | (prev_time != time_ids))
 
@@ -198,7 +203,6 @@ def build_plan(
     video_dropped = _count_into(B, torch.where(frame_ok, frame_row, B), frame_drop)[:B]
     audio_dropped = _count_into(B, torch.where(chunk_ok, chunk_row, B), chunk_audio - chunk_audio_keep)[:B]
     kept = valid.sum(dim=1) - video_dropped - audio_dropped
-    zero = torch.zeros((), dtype=torch.int64, device=dev)
     sizes = torch.stack(
         [
             is_video.sum(),
@@ -208,9 +212,9 @@ def build_plan(
             video_total.sum() - video_dropped.sum(),
             in_window.sum(),
             kept.sum(),
-            kept.max() if B else zero,
-            chunk_audio.max(),
-            chunk_video_kept.max(),
+            _max_or_zero(kept),
+            _max_or_zero(chunk_audio),
+            _max_or_zero(chunk_video_kept),
         ]
     )
     return DevicePlan(

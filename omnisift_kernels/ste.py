@@ -9,7 +9,7 @@ class StraightThroughKeep(torch.autograd.Function):
     """``y = x * m`` with the hard keep factor ``m = 1`` and an identity surrogate gradient.
 
     Forward returns exactly ``x`` (no ``(1 - s) + s`` rounding). Backward: ``dL/dx = dL/dy`` and
-    ``dL/ds_j = <x_j, dL/dy_j>`` accumulated in fp32.
+    ``dL/ds_j = <x_j, dL/dy_j>`` accumulated in fp32 (fp64 for fp64 inputs).
 
     Args (to ``apply``):
         x: ``[n, D]`` kept embeddings (any float dtype).
@@ -30,7 +30,8 @@ class StraightThroughKeep(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         grad_scores = None
         if ctx.needs_input_grad[1]:
-            grad_scores = (x.float() * grad_out.float()).sum(-1).to(ctx.scores_dtype)
+            acc = torch.promote_types(x.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
+            grad_scores = (x.to(acc) * grad_out.to(acc)).sum(-1).to(ctx.scores_dtype)
         return grad_out, grad_scores
 
 

@@ -214,7 +214,7 @@ def make_batch(
     for b, rb in enumerate(built):
         n = len(rb.ids)
         input_ids[b, :n] = torch.tensor(rb.ids)
-        position_ids[:, b, :n] = torch.tensor(rb.pos).T
+        position_ids[:, b, :n] = torch.tensor(rb.pos).reshape(n, 3).transpose(0, 1)
         attention_mask[b, :n] = 1
         embeds[b, :n] = _embed_row(rb.kind, d_model, gen)
         # Labels: the text after the last media item (the "answer").
