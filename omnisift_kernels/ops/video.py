@@ -1,0 +1,273 @@
+"""Video scores of OmniSIFT's spatio-temporal pruning (spec §3, §8).
+
+Public ops (registered as ``omnisift::<name>`` custom ops; work eagerly, under
+``torch.compile(fullgraph=True)`` and pass ``torch.library.opcheck``):
+
+* :func:`frame_saliency`: cosine of every token to its segment's (frame's) mean.
+* :func:`frame_pair_similarity`: cosine of token pairs (second frame vs first frame).
+* :func:`video_scores`: both in one op, reading the first frame of a chunk twice instead of three
+  times (see ``omnisift_kernels.triton_kernels.video`` for the traffic).
+
+Data model: ``x`` is ``[B, L, D]`` (fp32/bf16/fp16/fp64, any strides); a token is addressed by its
+flat index ``t = b*L + l`` (int64); segments are CSR (``token_index [N]``, ``seg_offsets [S+1]``,
+empty segments allowed). Outputs are ``float32`` and aligned with the index arrays. No op
+synchronizes with the host. The cosine is ``F.cosine_similarity`` of torch 2.13 with eps = 1e-8,
+``<a, b> / (max(|a|, eps) * max(|b|, eps))``, computed in fp32: a zero vector scores 0, not NaN.
+
+Not validated (would need a host sync): index values in ``[0, B*L)``, ``seg_offsets`` starting
+at 0, non-decreasing and ending at N, distinct flat indices within ``token_index``.
+
+Path: on CUDA tensors the Triton kernels run; on CPU tensors a vectorized torch path, unless
+``OMNISIFT_TRITON_ON_CPU=1`` and ``TRITON_INTERPRET=1`` are both set (then the Triton kernels run
+through the interpreter).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..triton_kernels import TRITON_AVAILABLE, use_triton
+
+if TRITON_AVAILABLE:
+    from ..triton_kernels import (
+        frame_pair_similarity_triton,
+        frame_saliency_triton,
+        video_scores_triton,
+    )
+
+__all__ = ["frame_pair_similarity", "frame_saliency", "video_scores"]
+
+EPS = 1e-8
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+# ----------------------------------------------------------------------------------------------
+# Input validation (shared with ops.select / ops.gather): errors name op, argument, expected, got.
+
+
+def check_tensor(op: str, name: str, t) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def check_embeddings(op: str, x, name: str = "x") -> torch.Tensor:
+    check_tensor(op, name, x)
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} must be float32/bfloat16/float16/float64, got {x.dtype}")
+    if x.dim() != 3:
+        raise ValueError(f"{op}: {name} must be 3-D [B, L, D], got {x.dim()}-D shape {tuple(x.shape)}")
+    return x
+
+
+def check_index(op: str, name: str, t, device: torch.device, length: int | None = None,
+                length_desc: str = "") -> torch.Tensor:
+    check_tensor(op, name, t)
+    if t.dtype != torch.int64:
+        raise TypeError(f"{op}: {name} must be int64, got {t.dtype}")
+    if t.dim() != 1:
+        raise ValueError(f"{op}: {name} must be 1-D, got {t.dim()}-D shape {tuple(t.shape)}")
+    check_device(op, name, t, device)
+    if length is not None and t.shape[0] != length:
+        raise ValueError(f"{op}: {name} must have length {length}{length_desc}, got {t.shape[0]}")
+    return t
+
+
+def check_device(op: str, name: str, t: torch.Tensor, device: torch.device) -> None:
+    if t.device != device:
+        raise ValueError(f"{op}: {name} must be on {device} (the device of the embeddings), "
+                         f"got {t.device}")
+
+
+def check_offsets(op: str, seg_offsets, device: torch.device,
+                  num_segments: int | None = None) -> torch.Tensor:
+    check_index(op, "seg_offsets", seg_offsets, device)
+    if seg_offsets.shape[0] < 1:
+        raise ValueError(f"{op}: seg_offsets must have length S+1 >= 1, got 0")
+    if num_segments is not None and seg_offsets.shape[0] != num_segments + 1:
+        raise ValueError(f"{op}: seg_offsets must have length S+1 = {num_segments + 1} "
+                         f"(S = len(k)), got {seg_offsets.shape[0]}")
+    return seg_offsets
+
+
+# ----------------------------------------------------------------------------------------------
+# Vectorized torch path (any device; the CPU path). No loops over segments, no host syncs.
+
+
+def token_rows(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``x.flatten(0, 1)[t]`` without copying ``x`` (advanced indexing honours the strides)."""
+    L = x.shape[1]
+    return x[t // L, t % L]
+
+
+def segment_ids(seg_offsets: torch.Tensor, n: int) -> torch.Tensor:
+    """Segment of every CSR position ``0..n-1`` (the last segment s with ``seg_offsets[s] <= p``)."""
+    pos = torch.arange(n, device=seg_offsets.device)
+    return torch.searchsorted(seg_offsets, pos, right=True) - 1
+
+
+def _segment_means_torch(rows, seg, seg_offsets):
+    S = seg_offsets.shape[0] - 1
+    sums = torch.zeros((S, rows.shape[1]), dtype=torch.float32, device=rows.device)
+    sums.index_add_(0, seg, rows)
+    counts = (seg_offsets[1:] - seg_offsets[:-1]).clamp_min(1).to(torch.float32)
+    return sums / counts[:, None]
+
+
+def frame_saliency_torch(x, token_index, seg_offsets):
+    """Vectorized torch path of :func:`frame_saliency`."""
+    N = token_index.shape[0]
+    rows = token_rows(x, token_index).float()
+    seg = segment_ids(seg_offsets, N)
+    mean = _segment_means_torch(rows, seg, seg_offsets)
+    return F.cosine_similarity(rows, mean[seg], dim=-1, eps=EPS)
+
+
+def frame_pair_similarity_torch(x, first_index, second_index):
+    """Vectorized torch path of :func:`frame_pair_similarity`."""
+    a = token_rows(x, second_index).float()
+    b = token_rows(x, first_index).float()
+    return F.cosine_similarity(a, b, dim=-1, eps=EPS)
+
+
+def video_scores_torch(x, token_index, seg_offsets, pair_index):
+    """Vectorized torch path of :func:`video_scores`."""
+    N = token_index.shape[0]
+    rows = token_rows(x, token_index).float()
+    seg = segment_ids(seg_offsets, N)
+    mean = _segment_means_torch(rows, seg, seg_offsets)
+    sal = pair_index < 0
+    partner = token_rows(x, torch.where(sal, 0, pair_index)).float()
+    other = torch.where(sal[:, None], mean[seg], partner)
+    return F.cosine_similarity(rows, other, dim=-1, eps=EPS)
+
+
+# ----------------------------------------------------------------------------------------------
+# Registered custom ops (what torch.compile sees). Dispatch on the device inside.
+
+
+@torch.library.custom_op("omnisift::frame_saliency", mutates_args=())
+def _frame_saliency_op(x: torch.Tensor, token_index: torch.Tensor,
+                       seg_offsets: torch.Tensor) -> torch.Tensor:
+    if use_triton(x):
+        return frame_saliency_triton(x, token_index, seg_offsets)
+    return frame_saliency_torch(x, token_index, seg_offsets)
+
+
+@_frame_saliency_op.register_fake
+def _(x, token_index, seg_offsets):
+    return x.new_empty(token_index.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("omnisift::frame_pair_similarity", mutates_args=())
+def _frame_pair_similarity_op(x: torch.Tensor, first_index: torch.Tensor,
+                              second_index: torch.Tensor) -> torch.Tensor:
+    if use_triton(x):
+        return frame_pair_similarity_triton(x, first_index, second_index)
+    return frame_pair_similarity_torch(x, first_index, second_index)
+
+
+@_frame_pair_similarity_op.register_fake
+def _(x, first_index, second_index):
+    return x.new_empty(first_index.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("omnisift::video_scores", mutates_args=())
+def _video_scores_op(x: torch.Tensor, token_index: torch.Tensor, seg_offsets: torch.Tensor,
+                     pair_index: torch.Tensor) -> torch.Tensor:
+    if use_triton(x):
+        return video_scores_triton(x, token_index, seg_offsets, pair_index)
+    return video_scores_torch(x, token_index, seg_offsets, pair_index)
+
+
+@_video_scores_op.register_fake
+def _(x, token_index, seg_offsets, pair_index):
+    return x.new_empty(token_index.shape, dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public functions.
+
+
+def frame_saliency(x: torch.Tensor, token_index: torch.Tensor,
+                   seg_offsets: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of every token to the mean of its segment (spec §3, first frame).
+
+    The mean is taken over the segment's tokens in fp32; the cosine is
+    ``F.cosine_similarity(token, mean, dim=-1, eps=1e-8)`` in fp32.
+
+    Args:
+        x: ``[B, L, D]`` float32/bfloat16/float16/float64 embeddings, any strides.
+        token_index: ``int64 [N]`` flat token indices ``b*L + l``; segment s is
+            ``token_index[seg_offsets[s]:seg_offsets[s+1]]``.
+        seg_offsets: ``int64 [S+1]`` CSR offsets (``seg_offsets[0] = 0``, ``seg_offsets[S] = N``,
+            non-decreasing; empty segments allowed).
+
+    Returns:
+        ``float32 [N]`` aligned with ``token_index``.
+
+    Raises:
+        TypeError, ValueError: on a wrong type, dtype, rank, length or device.
+    """
+    op = "frame_saliency"
+    check_embeddings(op, x)
+    check_index(op, "token_index", token_index, x.device)
+    check_offsets(op, seg_offsets, x.device)
+    return torch.ops.omnisift.frame_saliency(x, token_index, seg_offsets)
+
+
+def frame_pair_similarity(x: torch.Tensor, first_index: torch.Tensor,
+                          second_index: torch.Tensor) -> torch.Tensor:
+    """``cos(x[second_index[i]], x[first_index[i]])`` for every pair i (spec §3, second frame).
+
+    All chunks of all rows are handled in one launch.
+
+    Args:
+        x: ``[B, L, D]`` float32/bfloat16/float16/float64 embeddings, any strides.
+        first_index: ``int64 [M]`` flat token indices of the first-frame tokens.
+        second_index: ``int64 [M]`` flat token indices of the second-frame tokens.
+
+    Returns:
+        ``float32 [M]``.
+
+    Raises:
+        TypeError, ValueError: on a wrong type, dtype, rank, length or device.
+    """
+    op = "frame_pair_similarity"
+    check_embeddings(op, x)
+    check_index(op, "first_index", first_index, x.device)
+    check_index(op, "second_index", second_index, x.device, first_index.shape[0],
+                " (= len(first_index))")
+    return torch.ops.omnisift.frame_pair_similarity(x, first_index, second_index)
+
+
+def video_scores(x: torch.Tensor, token_index: torch.Tensor, seg_offsets: torch.Tensor,
+                 pair_index: torch.Tensor) -> torch.Tensor:
+    """Fused video scores: saliency for first-frame tokens, temporal similarity for the others.
+
+    For position p: if ``pair_index[p] < 0`` (use -1), ``cos(x[token_index[p]], mean of its
+    segment)``; otherwise ``cos(x[token_index[p]], x[pair_index[p]])``. Equal to
+    :func:`frame_saliency` / :func:`frame_pair_similarity` on the respective tokens, but the
+    Triton path skips the means of segments without saliency tokens and computes a first-frame
+    token's two cosines from one read of it.
+
+    Args:
+        x: ``[B, L, D]`` float32/bfloat16/float16/float64 embeddings, any strides.
+        token_index: ``int64 [N]`` distinct flat token indices (CSR values).
+        seg_offsets: ``int64 [S+1]`` CSR offsets.
+        pair_index: ``int64 [N]``: -1, or the flat index (in ``[0, B*L)``) of the token to compare
+            with (for the second frame of a chunk: the token at the same index in the first frame).
+
+    Returns:
+        ``float32 [N]`` aligned with ``token_index``.
+
+    Raises:
+        TypeError, ValueError: on a wrong type, dtype, rank, length or device.
+    """
+    op = "video_scores"
+    check_embeddings(op, x)
+    check_index(op, "token_index", token_index, x.device)
+    check_offsets(op, seg_offsets, x.device)
+    check_index(op, "pair_index", pair_index, x.device, token_index.shape[0],
+                " (= len(token_index))")
+    return torch.ops.omnisift.video_scores(x, token_index, seg_offsets, pair_index)

@@ -1,0 +1,160 @@
+"""Testing helpers: the tolerance table, score comparisons, plain-torch references, layouts.
+
+Tolerances: every comparison of similarities or scores in the test suite goes through
+:data:`TOLERANCES` (via :func:`tolerance` / :func:`assert_close_scores`). Masks, compaction and
+gathers are compared exactly (``torch.equal``), never with a tolerance.
+
+Kinds:
+
+* ``"similarity"``: a kernel that computes in fp32 from the input values vs a reference computed
+  in fp32 (float64 for extra safety is fine) from the same values upcast (``x.float()``).
+  The inputs are identical, only the fp32 summation order differs, so the tolerance is tight and
+  nearly dtype independent.
+* ``"native"``: an fp32 result vs a reference computed in the input dtype itself (e.g.
+  ``F.cosine_similarity`` on bf16 tensors): the input dtype's rounding dominates.
+* ``"score"``: selector scores (sigmoid outputs in (0, 1)) computed with the model in the input
+  dtype vs the fp32 model.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "TOLERANCES",
+    "assert_close_scores",
+    "nan_poisoned",
+    "random_layout",
+    "reference_frame_saliency",
+    "reference_pair_similarity",
+    "reference_topk_mask",
+    "reference_video_scores",
+    "tolerance",
+]
+
+# (dtype, kind) -> (atol, rtol)
+TOLERANCES: dict[tuple[torch.dtype, str], tuple[float, float]] = {
+    (torch.float64, "similarity"): (1e-5, 1e-5),
+    (torch.float32, "similarity"): (1e-5, 1e-5),
+    (torch.bfloat16, "similarity"): (1e-5, 1e-5),
+    (torch.float16, "similarity"): (1e-5, 1e-5),
+    (torch.float64, "native"): (1e-5, 1e-5),
+    (torch.float32, "native"): (1e-5, 1e-5),
+    (torch.bfloat16, "native"): (2e-2, 2e-2),
+    (torch.float16, "native"): (2e-3, 2e-3),
+    (torch.float64, "score"): (1e-6, 1e-6),
+    (torch.float32, "score"): (1e-5, 1e-5),
+    (torch.bfloat16, "score"): (2e-2, 2e-2),
+    (torch.float16, "score"): (2e-3, 2e-3),
+}
+
+
+def tolerance(dtype: torch.dtype, kind: str = "similarity") -> tuple[float, float]:
+    """``(atol, rtol)`` for values computed from inputs of ``dtype`` (see the module docstring)."""
+    try:
+        return TOLERANCES[(dtype, kind)]
+    except KeyError:
+        raise KeyError(f"no tolerance for dtype={dtype}, kind={kind!r}; kinds: "
+                       f"{sorted({k for _, k in TOLERANCES})}") from None
+
+
+def assert_close_scores(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype,
+                        kind: str = "similarity", msg: str | None = None) -> None:
+    """``torch.testing.assert_close`` in fp64 with the table's tolerance; NaN never passes."""
+    atol, rtol = tolerance(dtype, kind)
+    assert actual.shape == expected.shape, f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert not torch.isnan(actual).any(), f"NaN in actual scores{': ' + msg if msg else ''}"
+    torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), atol=atol,
+                               rtol=rtol, msg=msg)
+
+
+def nan_poisoned(shape, dtype=torch.float32, device="cpu", fill=None) -> torch.Tensor:
+    """An output buffer filled with NaN, to prove a kernel writes every element.
+
+    ``bool`` has no NaN: the buffer is filled with ``fill`` (default True); tests run a mask
+    kernel twice, with ``fill=True`` and ``fill=False``, and require the same result.
+    """
+    if isinstance(shape, int):
+        shape = (shape,)
+    if dtype == torch.bool:
+        return torch.full(shape, True if fill is None else bool(fill), dtype=torch.bool,
+                          device=device)
+    return torch.full(shape, float("nan") if fill is None else fill, dtype=dtype, device=device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Layouts
+
+
+def random_layout(B: int, L: int, sizes: Sequence[int], generator: random.Random | None = None,
+                  device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """A CSR layout with segments of ``sizes`` over distinct flat tokens of a ``[B, L]`` grid.
+
+    Each segment's tokens are ascending; segments take disjoint random tokens.
+
+    Returns:
+        ``(token_index int64 [N], seg_offsets int64 [S+1])``.
+    """
+    rng = generator or random.Random(0)
+    n = sum(sizes)
+    if n > B * L:
+        raise ValueError(f"random_layout: {n} tokens do not fit in B*L = {B * L}")
+    pool = rng.sample(range(B * L), n)
+    toks, offs, pos = [], [0], 0
+    for size in sizes:
+        toks.extend(sorted(pool[pos:pos + size]))
+        pos += size
+        offs.append(pos)
+    return (torch.tensor(toks, dtype=torch.int64, device=device),
+            torch.tensor(offs, dtype=torch.int64, device=device))
+
+
+# ----------------------------------------------------------------------------------------------
+# Plain references (python loops over segments; for tests only)
+
+
+def _rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])[idx].double()
+
+
+def reference_frame_saliency(x, token_index, seg_offsets) -> torch.Tensor:
+    """Per segment ``F.cosine_similarity(token, segment mean, eps=1e-8)`` in float64."""
+    out = torch.zeros(token_index.numel(), dtype=torch.float64)
+    offs = seg_offsets.tolist()
+    for s in range(len(offs) - 1):
+        a, b = offs[s], offs[s + 1]
+        if a == b:
+            continue
+        rows = _rows(x, token_index[a:b])
+        mean = rows.float().mean(0).double()  # the mean is taken in fp32 (spec §8)
+        out[a:b] = F.cosine_similarity(rows, mean[None].expand_as(rows), dim=-1, eps=1e-8)
+    return out
+
+
+def reference_pair_similarity(x, first_index, second_index) -> torch.Tensor:
+    """``F.cosine_similarity(x[second], x[first], eps=1e-8)`` in float64."""
+    return F.cosine_similarity(_rows(x, second_index), _rows(x, first_index), dim=-1, eps=1e-8)
+
+
+def reference_video_scores(x, token_index, seg_offsets, pair_index) -> torch.Tensor:
+    """Saliency where ``pair_index < 0``, else cosine to ``x[pair_index]`` (float64)."""
+    sal = reference_frame_saliency(x, token_index, seg_offsets)
+    pairs = reference_pair_similarity(x, pair_index.clamp_min(0), token_index)
+    return torch.where(pair_index < 0, sal, pairs)
+
+
+def reference_topk_mask(scores, seg_offsets, k) -> torch.Tensor:
+    """The spec's rule, with python sorting: (score descending, position ascending) per segment."""
+    vals = [0.0 if v == 0 else v for v in scores.tolist()]  # -0.0 == 0.0
+    offs, ks = seg_offsets.tolist(), k.tolist()
+    mask = [False] * len(vals)
+    for s in range(len(offs) - 1):
+        a, b = offs[s], offs[s + 1]
+        order = sorted(range(a, b), key=lambda i: (-vals[i], i))
+        for r, i in enumerate(order):
+            mask[i] = r < ks[s]
+    return torch.tensor(mask, dtype=torch.bool)

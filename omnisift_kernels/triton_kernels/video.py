@@ -1,0 +1,366 @@
+"""Triton kernels for the video scores: frame saliency, temporal pair similarity, and both fused.
+
+Addressing (all kernels): a token is a flat index ``t = b*L + l`` (int64); its row starts at
+element ``b*stride_b + l*stride_l`` of ``x`` and its elements step by ``stride_d``. Row offsets are
+int64 (they come from int64 token indices), feature offsets are cast to int64 before multiplying
+by the stride, so ``T*D`` beyond 2^31 elements is fine. ``x`` is never made contiguous.
+
+Cosine (``F.cosine_similarity`` in torch 2.13, eps = 1e-8)::
+
+    cos(a, b) = <a, b> / (max(|a|, eps) * max(|b|, eps))      (fp32 accumulation)
+
+so a zero vector scores exactly 0 and never NaN.
+
+Kernels
+-------
+``_segment_mean_kernel``  grid ``(S, cdiv(D, BLOCK_D))``. Program (s, j) sums the rows of segment s
+    over the feature slice j in a ``[BLOCK_T, BLOCK_D]`` fp32 register tile (loop over the segment's
+    tokens, runtime trip count), then writes ``mean[s, slice]`` (fp32, ``[S, D]``). Deterministic
+    (no atomics: the summation order is fixed). Reads every row of the segment once.
+    With ``HAS_PAIR`` (fused op) a segment none of whose tokens needs the mean (all have a
+    temporal partner) is skipped after a scan of its ``pair_index`` (8 bytes per token).
+``_cosine_kernel``  grid ``(cdiv(n_lanes, BLOCK_T),)``. Each program takes ``BLOCK_T`` lanes and
+    loops over D in ``BLOCK_D`` slices (coalesced along D), accumulating dot products and squared
+    norms in fp32 register tiles; one reduction at the end. Modes:
+
+    * ``SALIENCY``: lane p = position in ``token_index``; other vector = its segment's mean
+      (segment found by a binary search of ``seg_offsets``, ``ceil(log2 S)+1`` cached loads).
+    * ``PAIR``: lane i = pair i; ``cos(x[second[i]], x[first[i]])``.
+    * ``FUSED``: lane p = position. A saliency token (``pair_index < 0``) computes its
+      cosine to the mean AND, when a second-frame token q "claims" it (``pair_index[q]`` is p's
+      token), ``cos(x_q, x_p)`` from the same load of ``x_p``, written to ``out[q]``. A claimed
+      token q does nothing itself; an unclaimed temporal token (its partner is not a saliency token
+      of ``token_index``, or another token claimed the partner first) computes its own cosine to
+      ``x[pair_index]``.
+
+HBM traffic (elements of size e, D features, a chunk of two n-token frames):
+
+    saliency op (all frames): 2 reads of every frame row + S*D*4 mean writes
+    saliency (frame 1) + pair op (frame 2 vs 1):  frame 1 read 3x, frame 2 1x
+    fused ``video_scores``:                       frame 1 read 2x, frame 2 1x
+                                                  (mean pass skips frame 2; one joint pass)
+
+plus the small int64 index traffic (``N*8`` bytes per index array) and, for the fused op, the
+``B*L*8``-byte position map built by the launcher (vectorized torch, no host sync).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .dispatch import next_pow2
+
+EPS = 1e-8
+
+MODE_SALIENCY = 0
+MODE_PAIR = 1
+MODE_FUSED = 2
+
+
+@triton.jit
+def _row_offset(t, L, sxb, sxl):
+    """Element offset (int64) of the row of flat token ``t = b*L + l``."""
+    t = t.to(tl.int64)
+    b = t // L
+    return b * sxb + (t - b * L) * sxl
+
+
+@triton.jit
+def _find_segment(off_ptr, p, S, N_ITERS: tl.constexpr):
+    """Largest s in [0, S-1] with seg_offsets[s] <= p: the (non-empty) segment holding position p."""
+    lo = tl.zeros_like(p)
+    hi = tl.zeros_like(p) + (S - 1)
+    for _ in tl.static_range(N_ITERS):
+        mid = (lo + hi + 1) // 2
+        go = tl.load(off_ptr + mid) <= p
+        lo = tl.where(go, mid, lo)
+        hi = tl.where(go, hi, mid - 1)
+    return lo
+
+
+@triton.jit
+def _segment_mean_kernel(
+    x_ptr, tok_ptr, off_ptr, pair_ptr, mean_ptr,
+    L, D, sxb, sxl, sxd,
+    HAS_PAIR: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    s = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    start = tl.load(off_ptr + s)
+    end = tl.load(off_ptr + s + 1)
+    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_mask = d < D
+    d_off = d.to(tl.int64) * sxd
+    lanes = tl.arange(0, BLOCK_T)
+    stop = end
+    if HAS_PAIR:
+        # Only segments holding at least one saliency token (pair_index < 0) need their mean.
+        need = tl.zeros([BLOCK_T], dtype=tl.int32)
+        for i0 in range(start, end, BLOCK_T):
+            i = i0 + lanes
+            pr = tl.load(pair_ptr + i, mask=i < end, other=0)
+            need += (pr < 0).to(tl.int32)
+        stop = tl.where(tl.sum(need, axis=0) > 0, end, start)
+    acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    for i0 in range(start, stop, BLOCK_T):
+        i = i0 + lanes
+        i_mask = i < stop
+        t = tl.load(tok_ptr + i, mask=i_mask, other=0)
+        row = _row_offset(t, L, sxb, sxl)
+        v = tl.load(x_ptr + row[:, None] + d_off[None, :],
+                    mask=i_mask[:, None] & d_mask[None, :], other=0.0)
+        acc += v.to(tl.float32)
+    total = tl.sum(acc, axis=0)
+    count = tl.maximum((end - start).to(tl.float32), 1.0)
+    tl.store(mean_ptr + s.to(tl.int64) * D + d, total / count, mask=d_mask)
+
+
+@triton.jit
+def _cos_from_sums(dot, na2, nb2, EPS: tl.constexpr):
+    return dot / (tl.maximum(tl.sqrt(na2), EPS) * tl.maximum(tl.sqrt(nb2), EPS))
+
+
+@triton.jit
+def _cosine_kernel(
+    x_ptr, a_ptr, b_ptr, off_ptr, mean_ptr, rev_ptr, claimed_ptr, out_ptr,
+    n_lanes, S, L, D, sxb, sxl, sxd,
+    MODE: tl.constexpr, N_ITERS: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, EPS: tl.constexpr,
+):
+    # a_ptr: the lane's own token (token_index, or second_index for PAIR);
+    # b_ptr: pair_index (FUSED) or first_index (PAIR); unused for SALIENCY.
+    p = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    p_mask = p < n_lanes
+    ta = tl.load(a_ptr + p, mask=p_mask, other=0)
+    row_a = _row_offset(ta, L, sxb, sxl)
+    if MODE == 0:  # SALIENCY
+        seg = _find_segment(off_ptr, p, S, N_ITERS)
+        use_a = p_mask
+        use_mean = p_mask
+    elif MODE == 1:  # PAIR
+        seg = p
+        tb = tl.load(b_ptr + p, mask=p_mask, other=0)
+        row_b = _row_offset(tb, L, sxb, sxl)
+        use_a = p_mask
+        use_b = p_mask
+    else:  # FUSED
+        seg = _find_segment(off_ptr, p, S, N_ITERS)
+        pr = tl.load(b_ptr + p, mask=p_mask, other=0)
+        claimed = tl.load(claimed_ptr + p, mask=p_mask, other=0) != 0
+        q = tl.load(rev_ptr + p, mask=p_mask, other=-1)
+        sal = pr < 0
+        use_a = p_mask & (~claimed)
+        use_mean = use_a & sal
+        use_b = use_a & (~sal)
+        use_c = p_mask & sal & (q >= 0)
+        row_b = _row_offset(tl.where(use_b, pr, 0), L, sxb, sxl)
+        tq = tl.load(a_ptr + tl.where(use_c, q, 0), mask=use_c, other=0)
+        row_c = _row_offset(tq, L, sxb, sxl)
+    mean_row = seg.to(tl.int64) * D
+
+    dot = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    na2 = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    nb2 = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    if MODE == 2:
+        dotc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+        nc2 = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        d_mask = (d < D)[None, :]
+        d_off = d.to(tl.int64)[None, :] * sxd
+        va = tl.load(x_ptr + row_a[:, None] + d_off, mask=use_a[:, None] & d_mask,
+                     other=0.0).to(tl.float32)
+        if MODE == 0:
+            vb = tl.load(mean_ptr + mean_row[:, None] + d[None, :],
+                         mask=use_mean[:, None] & d_mask, other=0.0)
+        elif MODE == 1:
+            vb = tl.load(x_ptr + row_b[:, None] + d_off, mask=use_b[:, None] & d_mask,
+                         other=0.0).to(tl.float32)
+        else:
+            # exactly one of the two masked loads is live per lane; the other contributes 0.
+            vb = tl.load(mean_ptr + mean_row[:, None] + d[None, :],
+                         mask=use_mean[:, None] & d_mask, other=0.0)
+            vb += tl.load(x_ptr + row_b[:, None] + d_off, mask=use_b[:, None] & d_mask,
+                          other=0.0).to(tl.float32)
+            vc = tl.load(x_ptr + row_c[:, None] + d_off, mask=use_c[:, None] & d_mask,
+                         other=0.0).to(tl.float32)
+            dotc += va * vc
+            nc2 += vc * vc
+        dot += va * vb
+        na2 += va * va
+        nb2 += vb * vb
+    na2_r = tl.sum(na2, axis=1)
+    cos = _cos_from_sums(tl.sum(dot, axis=1), na2_r, tl.sum(nb2, axis=1), EPS)
+    tl.store(out_ptr + p, cos, mask=use_a)
+    if MODE == 2:
+        cos_c = _cos_from_sums(tl.sum(dotc, axis=1), tl.sum(nc2, axis=1), na2_r, EPS)
+        tl.store(out_ptr + tl.where(use_c, q, 0), cos_c, mask=use_c)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers. Inputs are validated by the public ops (omnisift_kernels.ops); the launchers only
+# assume: x [B, L, D] float (any strides), index tensors int64 1-D on x's device.
+
+
+def _cos_blocks(D: int, fused: bool) -> tuple[int, int, int]:
+    block_d = min(256, next_pow2(D))
+    block_t = max(8, min(64, 2048 // block_d))
+    return block_t, block_d, (8 if fused else 4)
+
+
+def _mean_blocks(S: int, D: int) -> tuple[int, int]:
+    block_d = min(256, next_pow2(D))
+    # enough programs to fill an H100 (132 SMs) when there are few segments
+    while block_d > 64 and S * triton.cdiv(D, block_d) < 264:
+        block_d //= 2
+    block_t = max(8, min(64, 4096 // block_d))
+    return block_t, block_d
+
+
+def _check_out(out, n, name):
+    if out is None:
+        return None
+    if out.shape != (n,) or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"{name}: out must be a contiguous float32 tensor of shape ({n},), got "
+                         f"{out.dtype} {tuple(out.shape)}")
+    return out
+
+
+def _segment_means(x, tok, off, pair):
+    B, L, D = x.shape
+    S = off.numel() - 1
+    mean = torch.empty((S, D), dtype=torch.float32, device=x.device)
+    if S == 0:
+        return mean
+    block_t, block_d = _mean_blocks(S, D)
+    grid = (S, triton.cdiv(D, block_d))
+    _segment_mean_kernel[grid](
+        x, tok, off, tok if pair is None else pair, mean,
+        L, D, x.stride(0), x.stride(1), x.stride(2),
+        HAS_PAIR=pair is not None, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4,
+    )
+    return mean
+
+
+def frame_saliency_triton(x, token_index, seg_offsets, *, out=None):
+    """Triton: cosine of every token to its segment's mean. See ``ops.frame_saliency``.
+
+    Args:
+        x: ``[B, L, D]`` float embeddings, any strides.
+        token_index: ``int64 [N]`` flat token indices (CSR values).
+        seg_offsets: ``int64 [S+1]`` CSR offsets into ``token_index``.
+        out: optional preallocated contiguous ``float32 [N]`` (every element is written).
+
+    Returns:
+        ``float32 [N]``.
+    """
+    B, L, D = x.shape
+    N = token_index.numel()
+    S = seg_offsets.numel() - 1
+    out = _check_out(out, N, "frame_saliency") if out is not None else torch.empty(
+        N, dtype=torch.float32, device=x.device)
+    if N == 0:
+        return out
+    tok = token_index.contiguous()
+    off = seg_offsets.contiguous()
+    mean = _segment_means(x, tok, off, None)
+    block_t, block_d, warps = _cos_blocks(D, fused=False)
+    _cosine_kernel[(triton.cdiv(N, block_t),)](
+        x, tok, tok, off, mean, tok, tok, out,
+        N, S, L, D, x.stride(0), x.stride(1), x.stride(2),
+        MODE=MODE_SALIENCY, N_ITERS=max(1, S.bit_length()),
+        BLOCK_T=block_t, BLOCK_D=block_d, EPS=EPS, num_warps=warps,
+    )
+    return out
+
+
+def frame_pair_similarity_triton(x, first_index, second_index, *, out=None):
+    """Triton: ``cos(x[second_index[i]], x[first_index[i]])`` for every pair, one launch.
+
+    Args:
+        x: ``[B, L, D]`` float embeddings, any strides.
+        first_index: ``int64 [M]`` flat token indices.
+        second_index: ``int64 [M]`` flat token indices.
+        out: optional preallocated contiguous ``float32 [M]``.
+
+    Returns:
+        ``float32 [M]``.
+    """
+    B, L, D = x.shape
+    M = first_index.numel()
+    out = _check_out(out, M, "frame_pair_similarity") if out is not None else torch.empty(
+        M, dtype=torch.float32, device=x.device)
+    if M == 0:
+        return out
+    first = first_index.contiguous()
+    second = second_index.contiguous()
+    block_t, block_d, warps = _cos_blocks(D, fused=False)
+    _cosine_kernel[(triton.cdiv(M, block_t),)](
+        x, second, first, first, out, first, first, out,
+        M, 1, L, D, x.stride(0), x.stride(1), x.stride(2),
+        MODE=MODE_PAIR, N_ITERS=1,
+        BLOCK_T=block_t, BLOCK_D=block_d, EPS=EPS, num_warps=warps,
+    )
+    return out
+
+
+def fused_pairing(token_index, pair_index, num_tokens: int):
+    """Which position computes which temporal score in the fused kernel (vectorized, no sync).
+
+    Returns ``(rev, claimed)``: ``rev[p]`` is the position q of the temporal token computed by the
+    lane of saliency token p (``-1`` for none; the largest such q when several point at p), and
+    ``claimed[q]`` says that q's score is written by its partner's lane. Assumes the flat indices
+    in ``token_index`` are distinct (as CSR frames are).
+    """
+    dev = token_index.device
+    N = token_index.numel()
+    ar = torch.arange(N, device=dev)
+    pos_of = torch.full((num_tokens + 1,), -1, dtype=torch.int64, device=dev)
+    pos_of.scatter_(0, token_index, ar)
+    sal = pair_index < 0
+    pp = pos_of.gather(0, torch.where(sal, num_tokens, pair_index))
+    ppc = pp.clamp_min(0)
+    ok = (pp >= 0) & (~sal) & (pair_index.gather(0, ppc) < 0)
+    rev = torch.full((N + 1,), -1, dtype=torch.int64, device=dev)
+    rev.scatter_reduce_(0, torch.where(ok, pp, N), ar, reduce="amax")
+    rev = rev[:N]
+    claimed = ok & (rev.gather(0, ppc) == ar)
+    return rev, claimed
+
+
+def video_scores_triton(x, token_index, seg_offsets, pair_index, *, out=None):
+    """Triton: fused saliency (``pair_index < 0``) / temporal similarity (else). Two launches.
+
+    Args:
+        x: ``[B, L, D]`` float embeddings, any strides.
+        token_index: ``int64 [N]`` flat token indices (CSR values, distinct).
+        seg_offsets: ``int64 [S+1]`` CSR offsets.
+        pair_index: ``int64 [N]``: ``-1`` for a saliency token, else the flat index of the token
+            it is compared with.
+        out: optional preallocated contiguous ``float32 [N]``.
+
+    Returns:
+        ``float32 [N]``.
+    """
+    B, L, D = x.shape
+    N = token_index.numel()
+    S = seg_offsets.numel() - 1
+    out = _check_out(out, N, "video_scores") if out is not None else torch.empty(
+        N, dtype=torch.float32, device=x.device)
+    if N == 0:
+        return out
+    tok = token_index.contiguous()
+    off = seg_offsets.contiguous()
+    pair = pair_index.contiguous()
+    rev, claimed = fused_pairing(tok, pair, B * L)
+    mean = _segment_means(x, tok, off, pair)
+    block_t, block_d, warps = _cos_blocks(D, fused=True)
+    _cosine_kernel[(triton.cdiv(N, block_t),)](
+        x, tok, pair, off, mean, rev, claimed.view(torch.uint8), out,
+        N, S, L, D, x.stride(0), x.stride(1), x.stride(2),
+        MODE=MODE_FUSED, N_ITERS=max(1, S.bit_length()),
+        BLOCK_T=block_t, BLOCK_D=block_d, EPS=EPS, num_warps=warps,
+    )
+    return out
