@@ -113,8 +113,15 @@ def video_keep(x: torch.Tensor, index: IndexPlan) -> torch.Tensor:
 
 
 def _rows(x: torch.Tensor, flat_index: torch.Tensor) -> torch.Tensor:
-    """Rows ``x[b, l]`` for flat indices ``b*L + l`` (a gather that respects x's strides)."""
-    L = x.shape[1]
+    """Rows ``x[b, l]`` for flat indices ``b*L + l`` (a gather that respects x's strides).
+
+    When the batch and sequence dimensions merge into one strided dimension (contiguous inputs and
+    most views) this is an ``index_select`` on a ``[B*L, D]`` view, a row copy; otherwise advanced
+    indexing with two index tensors (no copy of ``x`` either way).
+    """
+    B, L, D = x.shape
+    if B == 1 or x.stride(0) == L * x.stride(1):
+        return x.as_strided((B * L, D), (x.stride(1), x.stride(2))).index_select(0, flat_index)
     return x[flat_index // L, flat_index % L]
 
 
