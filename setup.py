@@ -13,6 +13,10 @@ Environment:
     MAX_JOBS                 parallel compile jobs (default: the number of CPUs).
     OMNISIFT_BUILD_TYPE      CMake build type (default Release, -O3).
     CMAKE_ARGS               extra arguments for the CMake configure step.
+
+Flags: -O3; C++20 for torch >= 2.10 (its headers use C++20 features, as does torch.utils.cpp_extension),
+else C++17. Build tree: build/cmake-<platform>-<python tag>/. The module is written to
+``self.get_ext_fullpath(...)`` (in the source tree for editable installs, PEP 660).
 """
 
 from __future__ import annotations
