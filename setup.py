@@ -120,5 +120,11 @@ def _ninja_from_package() -> str | None:
 
 build_ext_enabled = _env_flag("OMNISIFT_BUILD_EXT")
 ext_modules = [] if build_ext_enabled is False else [CMakeExtension("omnisift_kernels._C")]
+if build_ext_enabled is False:
+    # An editable install imports from the source tree: a module left there by an earlier build
+    # would still load, so an install without the extension removes it.
+    for stale in (ROOT / "omnisift_kernels").glob("_C*.so"):
+        print(f"[omnisift] OMNISIFT_BUILD_EXT=0: removing {stale}", flush=True)
+        stale.unlink()
 
 setup(ext_modules=ext_modules, cmdclass={"build_ext": CMakeBuild})

@@ -14,10 +14,14 @@ EXT_AVAILABLE: bool = False
 EXT_ERROR: str | None = None
 
 try:  # the .so registers the ops of the ``omnisift`` namespace with TORCH_LIBRARY on import
+    import importlib.util
+
+    if importlib.util.find_spec(f"{__package__}._C") is None:
+        raise ModuleNotFoundError("the extension was not built (OMNISIFT_BUILD_EXT=0, or no build yet)")
     from . import _C  # type: ignore[attr-defined]  # noqa: F401
 
     EXT_AVAILABLE = True
-except Exception as exc:  # ImportError, or an ABI mismatch with the installed torch
+except Exception as exc:  # not built, or an ABI mismatch with the installed torch
     EXT_ERROR = f"{type(exc).__name__}: {exc}"
     warnings.warn(
         "omnisift_kernels: the compiled extension omnisift_kernels._C is not available "
