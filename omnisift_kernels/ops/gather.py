@@ -35,10 +35,10 @@ def gather_ste_backward_torch(grad_out, x, indices):
     B, L, D = x.shape
     acc = _acc_dtype(x.dtype)
     grad_x = torch.zeros((B * L, D), dtype=x.dtype, device=x.device)
-    grad_x.index_add_(0, indices, grad_out.to(x.dtype))
+    grad_x.index_put_((indices,), grad_out.to(x.dtype), accumulate=True)
     dots = (token_rows(x, indices).to(acc) * grad_out.to(acc)).sum(-1)
     grad_scores = torch.zeros(B * L, dtype=acc, device=x.device)
-    grad_scores.index_add_(0, indices, dots)
+    grad_scores.index_put_((indices,), dots, accumulate=True)
     return grad_x.view(B, L, D), grad_scores.view(B, L)
 
 

@@ -109,7 +109,9 @@ def segment_ids(seg_offsets: torch.Tensor, n: int) -> torch.Tensor:
 def _segment_means_torch(rows, seg, seg_offsets):
     S = seg_offsets.shape[0] - 1
     sums = torch.zeros((S, rows.shape[1]), dtype=torch.float32, device=rows.device)
-    sums.index_add_(0, seg, rows)
+    # index_put_(accumulate) is serial (deterministic) on the CPU; index_add_ there can be
+    # pathologically slow under thread contention.
+    sums.index_put_((seg,), rows, accumulate=True)
     counts = (seg_offsets[1:] - seg_offsets[:-1]).clamp_min(1).to(torch.float32)
     return sums / counts[:, None]
 

@@ -1,0 +1,189 @@
+"""pytest-benchmark suites of the OmniSIFT ops (video scores, segmented top-k, gather_ste).
+
+* On CUDA: Qwen2.5-Omni-7B-like shapes (D = 3584, bf16, 2 rows x 20 two-second chunks of two
+  256-token frames + 50 audio tokens), Triton path vs the torch path.
+* Elsewhere (CPU, incl. the Triton interpreter): tiny shapes so that ``--benchmark-disable`` runs
+  in seconds; the Triton variants only under ``TRITON_INTERPRET=1`` (marked ``interpreter``).
+
+Every case first checks the measured path against the torch path (masks/gathers exactly,
+scores within ``omnisift_kernels.testing.TOLERANCES``). ``extra_info["bytes"]`` is the ideal
+HBM traffic of the op, for a GB/s figure: ``bytes / median``.
+
+    pytest bench/test_bench_ops.py --benchmark-only            # on a GPU machine
+    TRITON_INTERPRET=1 pytest bench/test_bench_ops.py --benchmark-disable
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from omnisift_kernels.ops.gather import gather_rows_torch, gather_ste, gather_ste_backward_torch
+from omnisift_kernels.ops.select import segmented_topk_mask_torch
+from omnisift_kernels.ops.video import (
+    frame_pair_similarity_torch,
+    frame_saliency_torch,
+    video_scores_torch,
+)
+from omnisift_kernels.testing import assert_close_scores
+from omnisift_kernels.triton_kernels import TRITON_AVAILABLE
+
+if TRITON_AVAILABLE:
+    from omnisift_kernels.triton_kernels import (
+        frame_pair_similarity_triton,
+        frame_saliency_triton,
+        gather_rows_triton,
+        gather_ste_backward_triton,
+        segmented_topk_mask_triton,
+        video_scores_triton,
+    )
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+if CUDA:
+    SHAPE = dict(B=2, chunks=20, frame=256, audio=50, D=3584, dtype=torch.bfloat16)
+else:
+    SHAPE = dict(B=1, chunks=3, frame=8, audio=5, D=32, dtype=torch.float32)
+
+_TRITON_RUNS = TRITON_AVAILABLE and (CUDA or os.environ.get("TRITON_INTERPRET", "0") == "1")
+# bench/ has no conftest: skip the Triton variants here when Triton cannot run.
+PATHS = ["torch", pytest.param("triton", marks=[
+    pytest.mark.interpreter,
+    pytest.mark.skipif(not _TRITON_RUNS, reason="needs Triton and TRITON_INTERPRET=1 or CUDA"),
+])]
+
+
+def _sync():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def _run(benchmark, fn):
+    def timed():
+        out = fn()
+        _sync()
+        return out
+
+    return benchmark(timed)
+
+
+class Workload:
+    """Interleaved rows: per chunk, frame 1, frame 2, then the chunk's audio tokens."""
+
+    def __init__(self, B, chunks, frame, audio, D, dtype):
+        per_chunk = 2 * frame + audio
+        L = chunks * per_chunk
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(B, L, D, generator=g).to(dtype).to(DEVICE)
+        tok, off, pair, a_tok, a_off = [], [0], [], [], [0]
+        for b in range(B):
+            for c in range(chunks):
+                t0 = b * L + c * per_chunk
+                f1 = list(range(t0, t0 + frame))
+                tok += f1 + list(range(t0 + frame, t0 + 2 * frame))
+                pair += [-1] * frame + f1
+                off += [off[-1] + frame, off[-1] + 2 * frame]
+                a_tok += list(range(t0 + 2 * frame, t0 + per_chunk))
+                a_off.append(a_off[-1] + audio)
+        as_t = lambda v: torch.tensor(v, dtype=torch.int64, device=DEVICE)  # noqa: E731
+        self.tok, self.off, self.pair = as_t(tok), as_t(off), as_t(pair)
+        self.first = self.pair[self.pair >= 0]
+        self.second = self.tok[self.pair >= 0]
+        self.audio_tok, self.audio_off = as_t(a_tok), as_t(a_off)
+        self.D, self.e = D, self.x.element_size()
+        S = len(off) - 1
+        self.k_video = torch.full((S,), int(frame * 0.67), dtype=torch.int64, device=DEVICE)
+        self.k_audio = torch.full((len(a_off) - 1,), audio - int(audio * 0.4), dtype=torch.int64,
+                                  device=DEVICE)
+        g2 = torch.Generator().manual_seed(1)
+        self.video_scores = torch.rand(len(tok), generator=g2).to(DEVICE)
+        self.audio_scores = torch.rand(len(a_tok), generator=g2).to(DEVICE)
+        self.scores_bl = torch.rand(B, L, generator=g2).to(DEVICE)
+        keep = torch.rand(B * L, generator=g2) < 0.35
+        self.keep_idx = torch.arange(B * L)[keep].to(DEVICE)
+
+
+@pytest.fixture(scope="module")
+def wl():
+    return Workload(**SHAPE)
+
+
+def _pick(path, triton_fn, torch_fn):
+    return triton_fn if path == "triton" else torch_fn
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_bench_video_scores_fused(benchmark, wl, path):
+    fn = _pick(path, lambda: video_scores_triton(wl.x, wl.tok, wl.off, wl.pair),
+               lambda: video_scores_torch(wl.x, wl.tok, wl.off, wl.pair))
+    assert_close_scores(fn(), video_scores_torch(wl.x, wl.tok, wl.off, wl.pair), wl.x.dtype)
+    n = wl.tok.numel()
+    benchmark.extra_info["bytes"] = (n // 2 * 2 + n // 2) * wl.D * wl.e  # frame 1 x2, frame 2 x1
+    _run(benchmark, fn)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_bench_video_scores_unfused(benchmark, wl, path):
+    """Saliency on all frames + pair similarity: the two separate ops (for the fusion gain)."""
+    if path == "triton":
+        def fn():
+            sal = frame_saliency_triton(wl.x, wl.tok, wl.off)
+            tmp = frame_pair_similarity_triton(wl.x, wl.first, wl.second)
+            return sal, tmp
+    else:
+        def fn():
+            return (frame_saliency_torch(wl.x, wl.tok, wl.off),
+                    frame_pair_similarity_torch(wl.x, wl.first, wl.second))
+    sal, tmp = fn()
+    assert_close_scores(sal, frame_saliency_torch(wl.x, wl.tok, wl.off), wl.x.dtype)
+    n = wl.tok.numel()
+    benchmark.extra_info["bytes"] = (2 * n + n) * wl.D * wl.e
+    _run(benchmark, fn)
+
+
+@pytest.mark.parametrize("which", ["video", "audio"])
+@pytest.mark.parametrize("path", PATHS)
+def test_bench_segmented_topk(benchmark, wl, path, which):
+    scores, off, k = ((wl.video_scores, wl.off, wl.k_video) if which == "video"
+                      else (wl.audio_scores, wl.audio_off, wl.k_audio))
+    fn = _pick(path, lambda: segmented_topk_mask_triton(scores, off, k),
+               lambda: segmented_topk_mask_torch(scores, off, k))
+    assert torch.equal(fn(), segmented_topk_mask_torch(scores, off, k))
+    benchmark.extra_info["bytes"] = scores.numel() * 5
+    _run(benchmark, fn)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_bench_gather_forward(benchmark, wl, path):
+    fn = _pick(path, lambda: gather_rows_triton(wl.x, wl.keep_idx),
+               lambda: gather_rows_torch(wl.x, wl.keep_idx))
+    assert torch.equal(fn(), gather_rows_torch(wl.x, wl.keep_idx))
+    benchmark.extra_info["bytes"] = 2 * wl.keep_idx.numel() * wl.D * wl.e
+    _run(benchmark, fn)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_bench_gather_backward(benchmark, wl, path):
+    g = torch.randn(wl.keep_idx.numel(), wl.D, device=DEVICE).to(wl.x.dtype)
+    fn = _pick(path, lambda: gather_ste_backward_triton(g, wl.x, wl.keep_idx),
+               lambda: gather_ste_backward_torch(g, wl.x, wl.keep_idx))
+    gx, gs = fn()
+    rx, rs = gather_ste_backward_torch(g, wl.x, wl.keep_idx)
+    assert torch.equal(gx, rx)
+    torch.testing.assert_close(gs, rs, atol=1e-3 * wl.D ** 0.5, rtol=1e-4)
+    T = wl.keep_idx.numel()
+    benchmark.extra_info["bytes"] = (3 * T + wl.x.shape[0] * wl.x.shape[1]) * wl.D * wl.e
+    _run(benchmark, fn)
+
+
+def test_bench_gather_ste_autograd(benchmark, wl):
+    """The public op end to end (forward + backward through autograd), on the default path."""
+    x = wl.x.detach().requires_grad_(True)
+    s = wl.scores_bl.detach().requires_grad_(True)
+
+    def fn():
+        gather_ste(x, wl.keep_idx, s).float().sum().backward()
+
+    _run(benchmark, fn)
