@@ -190,3 +190,14 @@ def test_opcheck_and_compile():
         return segmented_topk_mask(scores, off, k)
 
     assert torch.equal(f(scores, off, k), reference_topk_mask(scores, off, k))
+
+
+@pytest.mark.interpreter
+def test_gpu_default_config_under_interpreter(monkeypatch):
+    import omnisift_kernels.triton_kernels.select as ts
+
+    monkeypatch.setattr(ts, "interpreting", lambda: False)
+    sizes = [50, 0, 70, 1, 5]  # N = 126: small = 64, mid = block = 128
+    off, k = _layout(sizes, [30, 1, 20, 0, 4])
+    scores = torch.randint(0, 6, (sum(sizes),)).float()
+    assert torch.equal(segmented_topk_mask_triton(scores, off, k), reference_topk_mask(scores, off, k))

@@ -271,3 +271,59 @@ def test_torch_compile_fullgraph():
     assert_close_scores(vs, reference_video_scores(x, tok, off, pair), torch.float32)
     assert_close_scores(sal, reference_frame_saliency(x, tok, off), torch.float32)
     assert_close_scores(ps, reference_pair_similarity(x, tok[:3], tok[3:6]), torch.float32)
+
+
+def test_dispatch_rules(monkeypatch):
+    from omnisift_kernels.triton_kernels import use_triton
+
+    x = torch.zeros(1)
+    monkeypatch.setenv("OMNISIFT_TRITON_ON_CPU", "1")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not use_triton(x)  # both variables are needed on CPU tensors
+    monkeypatch.setenv("OMNISIFT_TRITON_ON_CPU", "0")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not use_triton(x)
+    monkeypatch.setenv("OMNISIFT_TRITON_ON_CPU", "1")
+    assert use_triton(x) == TRITON_AVAILABLE
+    assert not use_triton(torch.zeros(1, device="meta"))
+
+
+def test_works_without_triton():
+    """With triton unimportable, the package imports and every op runs its torch path."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch\n"
+        "from omnisift_kernels import triton_kernels as tk\n"
+        "from omnisift_kernels import ops\n"
+        "assert not tk.TRITON_AVAILABLE and tk.TRITON_ERROR\n"
+        "x = torch.randn(1, 6, 4); tok = torch.arange(6); off = torch.tensor([0, 3, 6])\n"
+        "pair = torch.tensor([-1, -1, -1, 0, 1, 2])\n"
+        "assert ops.frame_saliency(x, tok, off).shape == (6,)\n"
+        "assert ops.video_scores(x, tok, off, pair).shape == (6,)\n"
+        "assert ops.frame_pair_similarity(x, tok[:3], tok[3:]).shape == (3,)\n"
+        "assert ops.segmented_topk_mask(torch.rand(6), off, torch.tensor([1, 2])).sum() == 3\n"
+        "assert ops.gather_ste(x, tok[:2], torch.rand(1, 6)).shape == (2, 4)\n"
+        "print('ok')\n"
+    )
+    env = dict(__import__("os").environ, OMNISIFT_TRITON_ON_CPU="1", TRITON_INTERPRET="1")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         cwd=__import__("pathlib").Path(__file__).resolve().parents[1])
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+
+
+@pytest.mark.interpreter
+def test_gpu_tile_config_under_interpreter(monkeypatch, seed):
+    """The GPU tile sizes (small BLOCK_T) give the same results as the interpreter's big tiles."""
+    import omnisift_kernels.triton_kernels.video as tv
+
+    monkeypatch.setattr(tv, "interpreting", lambda: False)
+    B, L, D = 2, 64, 300  # D > 256: several feature slices
+    x = torch.randn(B, L, D, dtype=torch.bfloat16)
+    tok, off, pair = _chunks(B, L, 5, 3)
+    assert_close_scores(frame_saliency_triton(x, tok, off), reference_frame_saliency(x, tok, off),
+                        torch.bfloat16)
+    assert_close_scores(video_scores_triton(x, tok, off, pair, out=nan_poisoned(tok.numel())),
+                        reference_video_scores(x, tok, off, pair), torch.bfloat16)

@@ -50,7 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import next_pow2
+from .dispatch import interpreting, next_pow2
 
 EPS = 1e-8
 
@@ -204,19 +204,31 @@ def _cosine_kernel(
 # assume: x [B, L, D] float (any strides), index tensors int64 1-D on x's device.
 
 
-def _cos_blocks(D: int, fused: bool) -> tuple[int, int, int]:
+def _cos_blocks(D: int, fused: bool, device: torch.device) -> tuple[int, int, int]:
+    """``(BLOCK_T, BLOCK_D, num_warps)`` of ``_cosine_kernel``.
+
+    GPU (sm_90, checked with ptxas, no spills): SALIENCY/PAIR ``[4, 256]`` x 4 warps = 64
+    registers, FUSED ``[2, 256]`` x 4 warps = 72 registers (``[8, 256]`` needs 127 / 231: too few
+    resident warps for a memory-bound loop). Fewer features: more rows per tile. The interpreter
+    gets big tiles (fewer, vectorized programs).
+    """
     block_d = min(256, next_pow2(D))
-    block_t = max(8, min(64, 2048 // block_d))
-    return block_t, block_d, (8 if fused else 4)
+    if device.type == "cpu" and interpreting():
+        return max(8, min(64, 2048 // block_d)), block_d, 4
+    base_t = 2 if fused else 4
+    return max(base_t, min(64, 1024 // block_d)), block_d, 4
 
 
-def _mean_blocks(S: int, D: int) -> tuple[int, int]:
+def _mean_blocks(S: int, D: int, device: torch.device) -> tuple[int, int]:
+    """``(BLOCK_T, BLOCK_D)`` of ``_segment_mean_kernel`` (GPU: ``[8, 256]`` x 4 warps = 78
+    registers; ``[16, 256]`` needs 166). Narrower feature slices when there are few segments."""
     block_d = min(256, next_pow2(D))
     # enough programs to fill an H100 (132 SMs) when there are few segments
     while block_d > 64 and S * triton.cdiv(D, block_d) < 264:
         block_d //= 2
-    block_t = max(8, min(64, 4096 // block_d))
-    return block_t, block_d
+    if device.type == "cpu" and interpreting():
+        return max(8, min(64, 4096 // block_d)), block_d
+    return max(8, min(64, 2048 // block_d)), block_d
 
 
 def _check_out(out, n, name):
@@ -234,7 +246,7 @@ def _segment_means(x, tok, off, pair):
     mean = torch.empty((S, D), dtype=torch.float32, device=x.device)
     if S == 0:
         return mean
-    block_t, block_d = _mean_blocks(S, D)
+    block_t, block_d = _mean_blocks(S, D, x.device)
     grid = (S, triton.cdiv(D, block_d))
     _segment_mean_kernel[grid](
         x, tok, off, tok if pair is None else pair, mean,
@@ -266,7 +278,7 @@ def frame_saliency_triton(x, token_index, seg_offsets, *, out=None):
     tok = token_index.contiguous()
     off = seg_offsets.contiguous()
     mean = _segment_means(x, tok, off, None)
-    block_t, block_d, warps = _cos_blocks(D, fused=False)
+    block_t, block_d, warps = _cos_blocks(D, False, x.device)
     _cosine_kernel[(triton.cdiv(N, block_t),)](
         x, tok, tok, off, mean, tok, tok, out,
         N, S, L, D, x.stride(0), x.stride(1), x.stride(2),
@@ -296,7 +308,7 @@ def frame_pair_similarity_triton(x, first_index, second_index, *, out=None):
         return out
     first = first_index.contiguous()
     second = second_index.contiguous()
-    block_t, block_d, warps = _cos_blocks(D, fused=False)
+    block_t, block_d, warps = _cos_blocks(D, False, x.device)
     _cosine_kernel[(triton.cdiv(M, block_t),)](
         x, second, first, first, out, first, first, out,
         M, 1, L, D, x.stride(0), x.stride(1), x.stride(2),
@@ -356,7 +368,7 @@ def video_scores_triton(x, token_index, seg_offsets, pair_index, *, out=None):
     pair = pair_index.contiguous()
     rev, claimed = fused_pairing(tok, pair, B * L)
     mean = _segment_means(x, tok, off, pair)
-    block_t, block_d, warps = _cos_blocks(D, fused=True)
+    block_t, block_d, warps = _cos_blocks(D, True, x.device)
     _cosine_kernel[(triton.cdiv(N, block_t),)](
         x, tok, pair, off, mean, rev, claimed.view(torch.uint8), out,
         N, S, L, D, x.stride(0), x.stride(1), x.stride(2),
