@@ -1,0 +1,86 @@
+"""The benchmark CLI end to end: ``python -m bench --quick`` and ``python -m bench compare``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROW_FIELDS = {"op", "provider", "workload", "dtype", "preset", "median_ms", "p20_ms", "p80_ms", "gbps",
+              "device_name", "torch", "triton", "cuda", "commit", "timestamp", "status"}
+
+
+def _run(*args, timeout=240):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               PYTHONWARNINGS="ignore")
+    env.pop("TRITON_INTERPRET", None)  # the CLI times real devices, not the interpreter
+    return subprocess.run([sys.executable, "-m", "bench", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bench")
+    out = d / "out.json"
+    plots = d / "plots"
+    p = _run("--quick", "--threads", "1", "--no-progress", "--device", "cpu", "--json", str(out), "--plot", str(plots))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p, out, plots
+
+
+def test_quick_table_and_json(quick_run):
+    p, out, _ = quick_run
+    assert "median ms" in p.stdout and "end_to_end" in p.stdout
+    assert "commit" in p.stdout.splitlines()[0]  # the one-line summary on top
+    data = json.loads(out.read_text())
+    rows = data["rows"]
+    assert rows
+    for r in rows:
+        assert ROW_FIELDS <= set(r), ROW_FIELDS - set(r)
+    timed = [r for r in rows if r["status"] == "ok" and r["op"] == "end_to_end"]
+    providers = {r["provider"] for r in timed}
+    assert {"reference", "release-loop"} <= providers
+    for r in timed:
+        assert r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
+        assert r["kept_tokens"] and 0 < r["retention_pct"] <= 100
+    assert any(r["op"] == "selector-projections floor" for r in rows)
+    # compile-reference is reported, not run, unless asked for
+    assert any(r["provider"] == "compile-reference" and r["status"] == "skipped" for r in rows)
+    assert data["meta"]["scaling"], "--plot runs the scaling section"
+
+
+def test_quick_plots(quick_run):
+    _, _, plots = quick_run
+    pngs = sorted(os.listdir(plots))
+    assert "scaling.png" in pngs
+    assert any(n.startswith("stages_") for n in pngs)
+    for n in pngs:
+        with open(plots / n, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_self_is_clean(quick_run):
+    _, out, _ = quick_run
+    p = _run("compare", str(out), str(out))
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "no regression" in p.stdout
+
+
+def test_compare_flags_2x_slower(quick_run, tmp_path):
+    _, out, _ = quick_run
+    data = json.loads(out.read_text())
+    for r in data["rows"]:
+        if r.get("median_ms"):
+            for k in ("median_ms", "p20_ms", "p80_ms"):
+                r[k] *= 2
+    slow = tmp_path / "slow.json"
+    slow.write_text(json.dumps(data))
+    p = _run("compare", str(out), str(slow), "--threshold", "1.1")
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert "REGRESSION" in p.stdout
+    # the other way round it is faster, not a regression
+    assert _run("compare", str(slow), str(out)).returncode == 0
