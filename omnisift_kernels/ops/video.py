@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .._ext import ext_has_kernel
 from ..triton_kernels import TRITON_AVAILABLE, use_triton
 
 if TRITON_AVAILABLE:
@@ -95,9 +96,28 @@ def check_offsets(op: str, seg_offsets, device: torch.device,
 
 
 def token_rows(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """``x.flatten(0, 1)[t]`` without copying ``x`` (advanced indexing honours the strides)."""
-    L = x.shape[1]
+    """``x.flatten(0, 1)[t]`` without copying ``x`` (respects the strides).
+
+    When the batch and sequence dimensions merge into one strided dimension (contiguous inputs and
+    most views) this is an ``index_select`` on a ``[B*L, D]`` view, a plain row copy; otherwise
+    advanced indexing with two index tensors (much slower on the CPU).
+    """
+    B, L, D = x.shape
+    if B == 1 or x.stride(0) == L * x.stride(1):
+        return x.as_strided((B * L, D), (x.stride(1), x.stride(2))).index_select(0, t)
     return x[t // L, t % L]
+
+
+def _cosine_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise ``cos(a_i, b_i) = <a_i, b_i> / (max(|a_i|, eps) * max(|b_i|, eps))`` of fp32 ``[N, D]``.
+
+    The formula of ``F.cosine_similarity`` (each norm clamped by eps) in three reductions and no
+    ``[N, D]`` temporaries (that function normalises both inputs first: two full-size divisions).
+    """
+    dot = torch.einsum("nd,nd->n", a, b)
+    na = torch.linalg.vector_norm(a, dim=-1).clamp_min(EPS)
+    nb = torch.linalg.vector_norm(b, dim=-1).clamp_min(EPS)
+    return dot / (na * nb)
 
 
 def segment_ids(seg_offsets: torch.Tensor, n: int) -> torch.Tensor:
@@ -122,14 +142,14 @@ def frame_saliency_torch(x, token_index, seg_offsets):
     rows = token_rows(x, token_index).float()
     seg = segment_ids(seg_offsets, N)
     mean = _segment_means_torch(rows, seg, seg_offsets)
-    return F.cosine_similarity(rows, mean[seg], dim=-1, eps=EPS)
+    return _cosine_rows(rows, mean.index_select(0, seg))
 
 
 def frame_pair_similarity_torch(x, first_index, second_index):
     """Vectorized torch path of :func:`frame_pair_similarity`."""
     a = token_rows(x, second_index).float()
     b = token_rows(x, first_index).float()
-    return F.cosine_similarity(a, b, dim=-1, eps=EPS)
+    return _cosine_rows(a, b)
 
 
 def video_scores_torch(x, token_index, seg_offsets, pair_index):
@@ -139,9 +159,29 @@ def video_scores_torch(x, token_index, seg_offsets, pair_index):
     seg = segment_ids(seg_offsets, N)
     mean = _segment_means_torch(rows, seg, seg_offsets)
     sal = pair_index < 0
-    partner = token_rows(x, torch.where(sal, 0, pair_index)).float()
-    other = torch.where(sal[:, None], mean[seg], partner)
-    return F.cosine_similarity(rows, other, dim=-1, eps=EPS)
+    # One gather builds every token's other vector: its segment's mean (rows 0..S-1 of the table)
+    # or its temporal partner (row S + k of the table for the k-th listed token, or x itself when
+    # the partner is not a listed token).
+    partner = token_rows(x, torch.where(sal, token_index, pair_index)).float()
+    other = torch.where(sal[:, None], mean.index_select(0, seg), partner)
+    return _cosine_rows(rows, other)
+
+
+def _cpu_kernel(x: torch.Tensor) -> bool:
+    """Whether the extension's C++ CPU kernel ``omnisift::video_scores_cpu`` serves ``x``."""
+    return x.device.type == "cpu" and not FORCE_TORCH_PATH and ext_has_kernel("video_scores_cpu", "CPU")
+
+
+# Tests set this to compare the C++ CPU kernel with the pure-torch path.
+FORCE_TORCH_PATH = False
+
+
+def video_scores_cpu(x, token_index, seg_offsets, pair_index):
+    """CPU path of the three video ops: the C++ kernel (rows read in place, no ``[N, D]``
+    temporaries) when the extension is built, else the vectorized torch path."""
+    if _cpu_kernel(x):
+        return torch.ops.omnisift.video_scores_cpu(x, token_index, seg_offsets, pair_index)
+    return video_scores_torch(x, token_index, seg_offsets, pair_index)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -153,6 +193,8 @@ def _frame_saliency_op(x: torch.Tensor, token_index: torch.Tensor,
                        seg_offsets: torch.Tensor) -> torch.Tensor:
     if use_triton(x):
         return frame_saliency_triton(x, token_index, seg_offsets)
+    if _cpu_kernel(x):
+        return video_scores_cpu(x, token_index, seg_offsets, torch.full_like(token_index, -1))
     return frame_saliency_torch(x, token_index, seg_offsets)
 
 
@@ -166,6 +208,9 @@ def _frame_pair_similarity_op(x: torch.Tensor, first_index: torch.Tensor,
                               second_index: torch.Tensor) -> torch.Tensor:
     if use_triton(x):
         return frame_pair_similarity_triton(x, first_index, second_index)
+    if _cpu_kernel(x):
+        offsets = torch.tensor([0, second_index.shape[0]], dtype=torch.int64)
+        return video_scores_cpu(x, second_index, offsets, first_index)
     return frame_pair_similarity_torch(x, first_index, second_index)
 
 
@@ -179,7 +224,7 @@ def _video_scores_op(x: torch.Tensor, token_index: torch.Tensor, seg_offsets: to
                      pair_index: torch.Tensor) -> torch.Tensor:
     if use_triton(x):
         return video_scores_triton(x, token_index, seg_offsets, pair_index)
-    return video_scores_torch(x, token_index, seg_offsets, pair_index)
+    return video_scores_cpu(x, token_index, seg_offsets, pair_index)
 
 
 @_video_scores_op.register_fake

@@ -1,0 +1,80 @@
+"""The extension's C++ CPU kernel of the video scores against the pure-torch path and the spec."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from omnisift_kernels._ext import ext_has_kernel
+from omnisift_kernels.ops import frame_pair_similarity, frame_saliency, video_scores
+from omnisift_kernels.ops import video as video_ops
+from omnisift_kernels.testing import assert_close_scores, random_layout
+
+pytestmark = pytest.mark.skipif(
+    not ext_has_kernel("video_scores_cpu", "CPU"), reason="the extension's CPU kernels are not built"
+)
+
+
+def _layout_with_pairs(B, L, sizes, seed):
+    rng = random.Random(seed)
+    tok, off = random_layout(B, L, sizes, rng)
+    pair = torch.full_like(tok, -1)
+    # Every second non-empty segment of the same size as the one before is paired index-wise.
+    for s in range(1, len(sizes)):
+        if sizes[s] == sizes[s - 1] and sizes[s] and s % 2 == 1:
+            pair[off[s]:off[s + 1]] = tok[off[s - 1]:off[s]]
+    return tok, off, pair
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "sliced", "transposed"])
+def test_cpp_kernel_equals_torch_path(dtype, layout):
+    g = torch.Generator().manual_seed(0)
+    B, L, D = 3, 40, 37
+    base = torch.randn(B, L, 2 * D, generator=g).to(dtype)
+    x = {"contiguous": base[:, :, :D].contiguous(), "sliced": base[:, :, ::2],
+         "transposed": base[:, :, :D].transpose(0, 1).contiguous().transpose(0, 1)}[layout]
+    tok, off, pair = _layout_with_pairs(B, L, [7, 7, 0, 1, 12, 12, 5, 3], seed=1)
+    fast = torch.ops.omnisift.video_scores_cpu(x, tok, off, pair)
+    slow = video_ops.video_scores_torch(x, tok, off, pair)
+    assert_close_scores(fast, slow, dtype)
+    assert fast.dtype == torch.float32 and fast.shape == tok.shape
+
+
+def test_public_ops_use_the_kernel_and_match_cosine_similarity():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 30, 64, generator=g)
+    tok, off, pair = _layout_with_pairs(2, 30, [10, 10, 4], seed=2)
+    rows = x.reshape(-1, 64)
+    expected = torch.empty(tok.shape[0])
+    for s in range(off.shape[0] - 1):
+        seg = tok[off[s]:off[s + 1]]
+        if seg.numel():
+            expected[off[s]:off[s + 1]] = F.cosine_similarity(rows[seg], rows[seg].mean(0, keepdim=True), dim=-1)
+    assert_close_scores(frame_saliency(x, tok, off), expected, torch.float32)
+    temporal = pair >= 0
+    expected_v = expected.clone()
+    expected_v[temporal] = F.cosine_similarity(rows[tok[temporal]], rows[pair[temporal]], dim=-1)
+    assert_close_scores(video_scores(x, tok, off, pair), expected_v, torch.float32)
+    assert_close_scores(frame_pair_similarity(x, pair[temporal], tok[temporal]), expected_v[temporal], torch.float32)
+
+
+def test_zero_vectors_and_exact_ties():
+    x = torch.zeros(1, 8, 16)
+    x[0, 4] = 1.0
+    x[0, 5] = 1.0  # duplicate of token 4: identical scores
+    tok = torch.arange(8)
+    off = torch.tensor([0, 4, 8])
+    out = torch.ops.omnisift.video_scores_cpu(x, tok, off, torch.full_like(tok, -1))
+    assert not out.isnan().any()
+    assert torch.equal(out[:4], torch.zeros(4))
+    assert out[4] == out[5]
+
+
+def test_empty_inputs():
+    x = torch.randn(1, 4, 8)
+    empty = torch.zeros(0, dtype=torch.int64)
+    assert torch.ops.omnisift.video_scores_cpu(x, empty, torch.zeros(1, dtype=torch.int64), empty).shape == (0,)
