@@ -171,6 +171,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="model weights (auto: bf16 on CUDA, fp32 on CPU); the selector trains in fp32")
     p.add_argument("--attn-implementation", default=None, help="e.g. sdpa, flash_attention_2")
+    p.add_argument("--device", choices=("cuda", "cpu"), default=None,
+                   help="default: cuda (one GPU per process, nccl) when available, else cpu (gloo)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar (log lines instead)")
     p.add_argument("--log-every", type=int, default=10)
     args = p.parse_args(argv)
@@ -189,11 +191,15 @@ def parse_args(argv=None):
     return args
 
 
-def init_distributed():
+def init_distributed(device_arg: str | None = None):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
+    use_cuda = torch.cuda.is_available() if device_arg is None else device_arg == "cuda"
+    if use_cuda:
+        if local >= torch.cuda.device_count():
+            raise RuntimeError(f"LOCAL_RANK={local} but only {torch.cuda.device_count()} CUDA device(s); "
+                               "use --nproc-per-node <= GPUs, or --device cpu")
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     else:
@@ -296,7 +302,7 @@ def to_device(batch: dict, device) -> dict:
 # ----------------------------------------------------------------------------------------------
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    rank, world, device = init_distributed()
+    rank, world, device = init_distributed(args.device)
     wrapper, trainable, tokenizer = load_model(args, device)
     cfg = wrapper.thinker.config
     if args.write_synthetic:

@@ -25,7 +25,7 @@ def train():
 
 
 def _base(save_dir, steps, *extra):
-    return ["--tiny-random", "--steps", str(steps), "--save-dir", str(save_dir), "--no-progress",
+    return ["--tiny-random", "--device", "cpu", "--steps", str(steps), "--save-dir", str(save_dir), "--no-progress",
             "--synthetic-samples", "4", "--rho-video", "0.5", "--rho-audio", "0.5", "--lr", "1e-2", *extra]
 
 
@@ -87,9 +87,8 @@ def test_ddp_two_processes_identical_parameters(train, tmp_path):
     data = train.write_synthetic(q.tiny_thinker_config(), str(tmp_path / "data"), 4, seed=0)
     save = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("CUDA_VISIBLE_DEVICES", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           TRAIN, "--tiny-random", "--data", data, "--steps", "2", "--save-dir", str(save), "--save-rank-params",
+           TRAIN, "--tiny-random", "--device", "cpu", "--data", data, "--steps", "2", "--save-dir", str(save), "--save-rank-params",
            "--no-progress", "--log-every", "1", "--rho-video", "0.5", "--rho-audio", "0.5", "--lr", "1e-2"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

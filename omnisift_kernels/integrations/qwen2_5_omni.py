@@ -20,7 +20,7 @@ the authors' release does (``thinker.compressor.v_proj.weight``, ...); the compr
 calls it is kept outside the module tree (no duplicate keys).
 
 Supported transformers versions: **5.0 <= version < 6.0** (:data:`SUPPORTED_TRANSFORMERS`); the test
-suite was run with 5.0.0, 5.17.0 and 5.23.0. From 5.16 ``generate`` keeps the passed 4-row position ids;
+suite was run with 5.0.0, 5.15.1, 5.17.0 and 5.23.0. From 5.16 ``generate`` keeps the passed 4-row position ids;
 5.0-5.15 drop them in the thinker's ``prepare_inputs_for_generation``, so there the prefill gets them
 through a per-call override and decoding follows ``rope_deltas`` (same positions, checked by the tests).
 4.x is refused (its thinker and generate internals differ; the spec's facts are for 5.x).
@@ -37,13 +37,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..api import compress
+from ..modules import OmniSIFTCompressor
 from ..result import CompressionResult
 from ..selector import VisionGuidedAudioSelector
 from .. import synthetic as syn
 
 SUPPORTED_TRANSFORMERS = ("5.0", "6.0")  # [min, max)
-TESTED_TRANSFORMERS = ("5.0.0", "5.17.0", "5.23.0")
+TESTED_TRANSFORMERS = ("5.0.0", "5.15.1", "5.17.0", "5.23.0")
 
 _MEDIA_KEYS = (
     "input_features",
@@ -102,51 +102,6 @@ def check_transformers_version(version: str | None = None) -> str:
             "prompt correctly; install 'transformers>=5,<6'."
         )
     return version
-
-
-# ----------------------------------------------------------------------------------------------
-# Compressor (OmniSIFTCompressor when available, else a minimal fallback)
-# ----------------------------------------------------------------------------------------------
-class _ReferenceCompressor(nn.Module):
-    """Minimal stand-in for ``omnisift_kernels.OmniSIFTCompressor``: a selector plus ratios, calling
-    ``compress(..., backend="reference")``. Used only while ``OmniSIFTCompressor`` is not importable."""
-
-    def __init__(self, selector: VisionGuidedAudioSelector, rho_video: float, rho_audio: float) -> None:
-        super().__init__()
-        self.selector = selector
-        self.rho_video = rho_video
-        self.rho_audio = rho_audio
-
-    def forward(self, inputs_embeds, input_ids, position_ids, attention_mask=None, labels=None, *,
-                video_token_id, audio_token_id, rho_video=None, rho_audio=None, output="packed", grid=None):
-        return compress(
-            inputs_embeds, input_ids, position_ids,
-            video_token_id=video_token_id, audio_token_id=audio_token_id,
-            rho_video=self.rho_video if rho_video is None else rho_video,
-            rho_audio=self.rho_audio if rho_audio is None else rho_audio,
-            selector=self.selector, attention_mask=attention_mask, labels=labels,
-            output=output, backend="reference", grid=grid,
-        )
-
-
-def _make_compressor(selector: VisionGuidedAudioSelector, rho_video: float, rho_audio: float) -> nn.Module:
-    try:
-        from ..modules import OmniSIFTCompressor  # type: ignore[attr-defined]
-    except ImportError:
-        OmniSIFTCompressor = None
-    if OmniSIFTCompressor is not None:
-        for build in (
-            lambda: OmniSIFTCompressor(selector=selector, rho_video=rho_video, rho_audio=rho_audio),
-            lambda: OmniSIFTCompressor(selector.d_model, rho_video=rho_video, rho_audio=rho_audio),
-        ):
-            try:
-                comp = build()
-            except TypeError:
-                continue
-            if getattr(comp, "selector", None) is not selector:
-                comp.selector = selector
-            return comp
-    return _ReferenceCompressor(selector, rho_video, rho_audio)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,12 +177,14 @@ class OmniSIFTThinker(nn.Module):
 
     Args:
         thinker: a ``Qwen2_5OmniThinkerForConditionalGeneration``.
-        compressor: an ``OmniSIFTCompressor`` (anything with a ``selector`` attribute and the
-            compressor call signature), a :class:`VisionGuidedAudioSelector`, or None (a new selector
-            of width D, in the thinker's dtype and on its device).
+        compressor: an :class:`~omnisift_kernels.OmniSIFTCompressor` (or any module with a ``selector``
+            attribute and its call signature), a :class:`VisionGuidedAudioSelector` (wrapped in an
+            ``OmniSIFTCompressor``), or None (a new selector of width D in the thinker's dtype and device).
         rho_video: default fraction of each video frame's tokens removed (per call override).
         rho_audio: default fraction of each scored audio chunk removed (per call override).
         use_audio_in_video: None detects it from the ids (``<|vision_bos|><|audio_bos|>``).
+        backend: backend of the ``OmniSIFTCompressor`` built here (``"auto"``, ``"reference"``, ``"cpu"``,
+            ``"triton"``); ignored when a compressor module is given.
 
     Attributes:
         thinker: the wrapped thinker; ``thinker.compressor`` is the selector.
@@ -235,7 +192,7 @@ class OmniSIFTThinker(nn.Module):
             original lengths and the retention (audio+video kept / total).
         last_keep_mask: bool ``[B, L]`` of the last call.
 
-    Supported transformers: 5.0 <= version < 6.0 (tested 5.0.0, 5.17.0, 5.23.0); others raise.
+    Supported transformers: 5.0 <= version < 6.0 (tested 5.0.0, 5.15.1, 5.17.0, 5.23.0); others raise.
     """
 
     def __init__(
@@ -246,6 +203,7 @@ class OmniSIFTThinker(nn.Module):
         rho_video: float = 0.7,
         rho_audio: float = 0.3,
         use_audio_in_video: bool | None = None,
+        backend: str = "auto",
     ) -> None:
         check_transformers_version()
         super().__init__()
@@ -258,10 +216,15 @@ class OmniSIFTThinker(nn.Module):
         d_model = thinker.config.get_text_config().hidden_size
         emb = thinker.get_input_embeddings().weight
         if compressor is None:
-            selector = VisionGuidedAudioSelector(d_model).to(device=emb.device, dtype=emb.dtype)
-            compressor = _make_compressor(selector, rho_video, rho_audio)
-        elif isinstance(compressor, VisionGuidedAudioSelector):
-            compressor = _make_compressor(compressor, rho_video, rho_audio)
+            compressor = VisionGuidedAudioSelector(d_model).to(device=emb.device, dtype=emb.dtype)
+        if isinstance(compressor, VisionGuidedAudioSelector):
+            if compressor.d_model != d_model:
+                raise ValueError(
+                    f"OmniSIFTThinker: the selector's d_model={compressor.d_model} does not match the thinker's "
+                    f"hidden size {d_model}"
+                )
+            compressor = OmniSIFTCompressor(d_model, rho_video=rho_video, rho_audio=rho_audio,
+                                            selector=compressor, backend=backend)
         selector = getattr(compressor, "selector", None)
         if not isinstance(selector, VisionGuidedAudioSelector):
             raise TypeError("OmniSIFTThinker: compressor must hold a VisionGuidedAudioSelector at .selector")
