@@ -27,7 +27,7 @@ import os
 import torch
 
 from . import ops
-from ._validation import check_finite
+from ._validation import all_finite, check_finite
 from .plan import DevicePlan, PlanSizes, build_plan, read_sizes, sizes_from_grid
 from .result import CompressionResult
 from .selector import VisionGuidedAudioSelector
@@ -293,7 +293,7 @@ def fast_compress(
             rho_video=rho_video, rho_audio=rho_audio, score_audio=selector is not None,
         )
         if grid is None:
-            finite = torch.isfinite(inputs_embeds).all() if validate else None
+            finite = all_finite(inputs_embeds) if validate else None
             sizes = read_sizes(plan, finite)
         else:
             if validate:
