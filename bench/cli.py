@@ -46,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--quick", action="store_true", help="seconds: tiny workload, small repeats (CI)")
     ap.add_argument("--seed", type=int, default=0, help="first input seed (the timer rotates seed, seed+1)")
     ap.add_argument("--selector-dtype", choices=["fp32", "same"], default="fp32",
-                    help="selector parameters in fp32 (default) or in the embeddings' dtype")
+                    help="selector parameters in fp32 (default: scores ranked in fp32, so every provider "
+                         "agrees exactly) or in the embeddings' dtype (bf16 selectors round differently "
+                         "per implementation, so near-tied audio tokens may differ and be reported)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads for the run (default: torch's choice)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -123,19 +125,18 @@ class Runner:
         seeds = [self.args.seed + i for i in range(N_INPUTS)]
         for wl in workloads:
             for dt in dtypes:
-                first_cases = None
                 for preset in presets:
                     cases = self.factory.cases(wl, dt, preset, self.device, seeds, self.args.selector_dtype)
-                    first_cases = first_cases or cases
                     self.run_group(wl, dt, preset, cases, ops, progress)
-                if S.FLOOR in ops and first_cases is not None:
-                    self.run_floor(wl, dt, first_cases, progress)
+                    if S.FLOOR in ops:
+                        self.run_floor(wl, dt, preset, cases, progress)
             self.factory.drop(wl)
 
-    def run_floor(self, wl, dt, cases, progress):
-        fns = [S.floor_callable(c) for c in cases]
+    def run_floor(self, wl, dt, preset, cases, progress):
+        # The projections over the tokens the selector really sees: surviving video and all audio.
+        fns = [S.floor_callable(c, self.ref_masks[id(c)]) for c in cases]
         t = self.time(lambda i: fns[i](), len(fns))
-        r = self.row(S.FLOOR, "torch F.linear x2", wl, dt, "-", timing=t)
+        r = self.row(S.FLOOR, "torch F.linear x2", wl, dt, preset, timing=t)
         self.add_traffic(r, S.FLOOR, self.info)
         progress.update(1)
 
@@ -145,6 +146,7 @@ class Runner:
 
         refs = [compress(**c.kwargs(), backend="reference") for c in cases]
         ref_masks = {id(c): r.keep_mask for c, r in zip(cases, refs)}
+        self.ref_masks = ref_masks
         ref0, b0 = refs[0], cases[0].batch
         cnt = C.counts(b0)
         sel = cases[0].selector
@@ -275,7 +277,7 @@ def main(argv=None) -> int:
     avail = P.availability(device)
     n_active = sum(1 for n in selected if avail[n] is None and not (P.PROVIDERS[n].explicit_only and n not in explicit))
     per_provider = len([o for o in S.STAGES if o in ops]) + (S.END_TO_END in ops)
-    total = len(workloads) * len(dtypes) * (len(presets) * n_active * per_provider + (S.FLOOR in ops))
+    total = len(workloads) * len(dtypes) * len(presets) * (n_active * per_provider + (S.FLOOR in ops))
     do_scaling = args.scaling or bool(args.plot)
     from tqdm import tqdm
 

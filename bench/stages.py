@@ -297,14 +297,15 @@ def pipeline_stages(case, backend: str) -> dict[str, Callable[[], Any]]:
     return out
 
 
-def floor_callable(case) -> Callable[[], Any]:
-    """The two selector projections over all video and all audio tokens, as two matmuls."""
+def floor_callable(case, keep_mask) -> Callable[[], Any]:
+    """The two selector projections as two matmuls: over the surviving video tokens (``keep_mask``
+    of the reference) and all audio tokens, the least any implementation of the selector computes."""
     kw = case.kwargs()
     sel = kw["selector"]
     x, ids = kw["inputs_embeds"], kw["input_ids"]
     valid = kw["attention_mask"].bool()
     dt = sel.v_proj.weight.dtype
-    video = x[(ids == kw["video_token_id"]) & valid].to(dt).contiguous()
+    video = x[(ids == kw["video_token_id"]) & valid & keep_mask].to(dt).contiguous()
     audio = x[(ids == kw["audio_token_id"]) & valid].to(dt).contiguous()
     wv, bv, wa, ba = sel.v_proj.weight, sel.v_proj.bias, sel.a_proj.weight, sel.a_proj.bias
 
@@ -342,7 +343,7 @@ def traffic(op: str, info: dict) -> tuple[float | None, float | None]:
         return 2 * T * D * e + T * (3 * 8 + 8 + 8), None
     if op == END_TO_END:  # the whole valid input read once, the packed output written once
         return info["valid"] * D * e + info["kept"] * D * e, None
-    if op == FLOOR:
-        n = V + A
+    if op == FLOOR:  # the projections of the surviving video and all audio tokens
+        n = info["video_kept"] + A
         return n * D * se + 2 * (D * H + H) * se + n * H * se, 2 * n * D * H
     return None, None
