@@ -191,7 +191,7 @@ class Runner:
                     progress.update(1)
             stage_dicts = None
             want_stages = [o for o in S.STAGES if o in ops]
-            factory = P.extension_stages(ref_masks) if name == "extension" else p.stage_factory(self.device)
+            factory = P.SINGLE_STAGE[name](ref_masks) if name in P.SINGLE_STAGE else p.stage_factory(self.device)
             if want_stages and factory is not None:
                 try:
                     stage_dicts = [factory(c) for c in cases]

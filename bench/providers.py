@@ -13,6 +13,7 @@ written by other engineers are picked up automatically once their module imports
 ``triton``          ``compress(backend="triton")``: CUDA only
                     (stages of both: :func:`bench.stages.pipeline_stage_hook`)
 ``extension``       ``omnisift_kernels.ops.varlen_compact``: the compaction (``gather`` stage) only
+``bool-index``      boolean-mask indexing, the plain-PyTorch compaction baseline (``gather`` only)
 ==================  ========================================================================
 """
 
@@ -180,6 +181,27 @@ def extension_stages(keep_masks: dict[int, torch.Tensor]):
     return factory
 
 
+def bool_index_stages(keep_masks: dict[int, torch.Tensor]):
+    """Stage factory of the plain-PyTorch baseline of compaction: boolean-mask indexing
+    (``x.flatten(0, 1)[keep.flatten()]``, positions and labels likewise) of the reference keep mask."""
+
+    def factory(case):
+        kw = case.kwargs()
+        x, keep = kw["inputs_embeds"], keep_masks[id(case)]
+        pos, labels = kw["position_ids"], kw["labels"]
+
+        def call():
+            k = keep.flatten()
+            return x.flatten(0, 1)[k], pos.flatten(1)[:, k], labels.flatten()[k]
+
+        return {"gather": call, "_packed": lambda: call()[0]}
+
+    return factory
+
+
+SINGLE_STAGE = {"extension": extension_stages, "bool-index": bool_index_stages}
+
+
 # ------------------------------------------------------------------------------------ registry
 def _hook(name: str):
     return lambda device: S.STAGE_HOOKS.get(name)
@@ -210,6 +232,8 @@ PROVIDERS: dict[str, Provider] = {
         Provider("triton", "compress(backend='triton')", _check_triton, _compress_e2e("triton"),
                  _pipeline_hook("triton", "triton")),
         Provider("extension", "omnisift_kernels.ops.varlen_compact (gather only)", _check_extension, None,
+                 lambda d: None),
+        Provider("bool-index", "x.flatten(0, 1)[keep.flatten()] (gather only; plain PyTorch)", lambda d: None, None,
                  lambda d: None),
     ]
 }
