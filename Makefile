@@ -7,6 +7,9 @@
 # with CMake/Ninja (pip install --no-build-isolation -e .). A stamp makes the second run fast.
 
 PYTHON ?= python3
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+QUIET_PIP := { grep -v "is ignored: it is neither" || true; }
 VENV ?= .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.omnisift-stamp
@@ -14,7 +17,7 @@ SOURCES := setup.py CMakeLists.txt pyproject.toml $(shell find csrc -type f 2>/d
 # Dependencies beyond torch. Already-satisfied ones are not fetched (the GPU image has them all).
 DEV_DEPS := numpy triton pytest pytest-benchmark hypothesis expecttest tqdm matplotlib "transformers>=5.0,<6"
 
-.PHONY: setup bench test test-all clean
+.PHONY: setup bench test test-all test-gpu clean
 
 setup: $(STAMP)
 
@@ -28,10 +31,14 @@ $(VENV)/bin/python:
 	fi
 
 $(STAMP): $(VENV)/bin/python $(SOURCES)
-	@$(VPY) -c "import torch" >/dev/null 2>&1 || $(VPY) -m pip install -q torch==2.13.0
-	@$(VPY) -m pip install -q $(DEV_DEPS) 2>&1 | grep -v "is ignored: it is neither" || true
-	@$(VPY) -c "import torch, pytest, hypothesis" 
-	$(VPY) -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v "is ignored: it is neither" || true
+	@$(VPY) -c "import torch" >/dev/null 2>&1 || { echo "[setup] pip install torch==2.13.0"; \
+		$(VPY) -m pip install -q torch==2.13.0 2>&1 | $(QUIET_PIP); }
+	@echo "[setup] pip install $(DEV_DEPS)"
+	@# Offline machines (the GPU image) may lack some of these: warn, then check what the tests need.
+	@$(VPY) -m pip install -q $(DEV_DEPS) 2>&1 | $(QUIET_PIP) || echo "[setup] warning: some dependencies could not be installed"
+	@$(VPY) -c "import torch, pytest, hypothesis"
+	@echo "[setup] pip install --no-deps --no-build-isolation -e . (CMake + Ninja build of omnisift_kernels._C)"
+	@$(VPY) -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | $(QUIET_PIP)
 	@$(VPY) -c "import omnisift_kernels as o; print('[setup]', o.build_info().summary())"
 	@touch $(STAMP)
 
@@ -50,3 +57,7 @@ clean:
 # Everything, the slow tests (400 hypothesis layouts, ...) included.
 test-all: setup
 	TRITON_INTERPRET=1 $(VPY) -m pytest -q -p no:cacheprovider --benchmark-disable tests bench
+
+# On a CUDA machine: the suite with Triton compiled for the GPU (no interpreter); gpu tests run.
+test-gpu: setup
+	$(VPY) -m pytest -q -p no:cacheprovider -m "not slow" --benchmark-disable tests bench
