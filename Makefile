@@ -33,7 +33,7 @@ $(VENV)/bin/python:
 $(STAMP): $(VENV)/bin/python $(SOURCES)
 	@$(VPY) -c "import torch" >/dev/null 2>&1 || { echo "[setup] pip install torch==2.13.0"; \
 		$(VPY) -m pip install -q torch==2.13.0 2>&1 | $(QUIET_PIP); }
-	@echo "[setup] pip install $(DEV_DEPS)"
+	@echo '[setup] pip install $(DEV_DEPS)'
 	@# Offline machines (the GPU image) may lack some of these: warn, then check what the tests need.
 	@$(VPY) -m pip install -q $(DEV_DEPS) 2>&1 | $(QUIET_PIP) || echo "[setup] warning: some dependencies could not be installed"
 	@$(VPY) -c "import torch, pytest, hypothesis"
