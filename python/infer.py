@@ -82,20 +82,11 @@ def parse_args(argv=None):
 
 
 def load(args, device):
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype)
-    if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" and args.model else torch.float32
     processor = None
-    if args.tiny_random:
-        thinker = q.tiny_random_thinker(seed=args.seed).to(device=device, dtype=dtype)
-    else:
-        q.check_transformers_version()
-        from transformers import Qwen2_5OmniThinkerForConditionalGeneration
-
-        kw = {"dtype": dtype}
-        if args.attn_implementation:
-            kw["attn_implementation"] = args.attn_implementation
-        thinker = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(args.model, **kw).to(device).eval()
+    thinker, dtype = q.load_thinker(args.model, device=device, dtype=args.dtype, tiny_random=args.tiny_random,
+                                    seed=args.seed, attn_implementation=args.attn_implementation)
+    thinker.eval()
+    if not args.tiny_random:
         try:
             from transformers import Qwen2_5OmniProcessor
 

@@ -647,6 +647,50 @@ TINY_PAD_ID = 127
 TINY_TEXT_VOCAB = 100  # plain text ids are drawn from [1, 100)
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_thinker(
+    model: str | None,
+    *,
+    device: torch.device,
+    dtype: str | None = None,
+    tiny_random: bool = False,
+    seed: int = 0,
+    attn_implementation: str | None = None,
+) -> tuple[nn.Module, torch.dtype]:
+    """The thinker the programs run: a tiny random one, or ``from_pretrained(model)``.
+
+    Args:
+        model: a local path or hub id of a Qwen2.5-Omni thinker (or full model) checkpoint.
+        device: where the thinker goes.
+        dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``; None or ``"auto"``: bf16 for a real
+            model on CUDA, else fp32.
+        tiny_random: build :func:`tiny_random_thinker` instead (no weights needed).
+        seed: seed of the tiny random thinker.
+        attn_implementation: passed to ``from_pretrained`` when given.
+
+    Returns:
+        ``(thinker, torch dtype)``.
+    """
+    auto = dtype in (None, "auto")
+    torch_dtype = None if auto else DTYPES.get(dtype)
+    if not auto and torch_dtype is None:
+        raise ValueError(f"load_thinker: dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
+    if torch_dtype is None:
+        torch_dtype = torch.bfloat16 if device.type == "cuda" and model else torch.float32
+    if tiny_random:
+        return tiny_random_thinker(seed=seed).to(device=device, dtype=torch_dtype), torch_dtype
+    check_transformers_version()
+    from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+
+    kw: dict[str, Any] = {"dtype": torch_dtype}
+    if attn_implementation:
+        kw["attn_implementation"] = attn_implementation
+    thinker = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(model, **kw).to(device)
+    return thinker, torch_dtype
+
+
 def tiny_thinker_config(hidden_size: int = 32, num_layers: int = 2, vocab_size: int = 128):
     """A tiny random ``Qwen2_5OmniThinkerConfig`` with remapped special ids (below ``vocab_size``).
 
