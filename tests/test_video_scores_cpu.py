@@ -31,9 +31,12 @@ def _layout_with_pairs(B, L, sizes, seed):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("layout", ["contiguous", "sliced", "transposed"])
-def test_cpp_kernel_equals_torch_path(dtype, layout):
+@pytest.mark.parametrize("D", [37, 1, 8, 16, 3584])
+def test_cpp_kernel_equals_torch_path(dtype, layout, D):
+    # D covers the vector loops' tails: none (8, 16 and the Qwen2.5-Omni-7B width), scalar only (1),
+    # 16-wide + 8-wide + scalar (37).
     g = torch.Generator().manual_seed(0)
-    B, L, D = 3, 40, 37
+    B, L = 3, 40
     base = torch.randn(B, L, 2 * D, generator=g).to(dtype)
     x = {"contiguous": base[:, :, :D].contiguous(), "sliced": base[:, :, ::2],
          "transposed": base[:, :, :D].transpose(0, 1).contiguous().transpose(0, 1)}[layout]
@@ -78,3 +81,29 @@ def test_empty_inputs():
     x = torch.randn(1, 4, 8)
     empty = torch.zeros(0, dtype=torch.int64)
     assert torch.ops.omnisift.video_scores_cpu(x, empty, torch.zeros(1, dtype=torch.int64), empty).shape == (0,)
+
+
+def test_portable_loops_equal_the_torch_path():
+    """The kernel's portable (non-AVX2) loops, forced in a subprocess with OMNISIFT_CPU_BASELINE=1."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "import omnisift_kernels\n"
+        "from omnisift_kernels.ops import video as video_ops\n"
+        "from omnisift_kernels.testing import assert_close_scores\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "tok = torch.arange(0, 60, dtype=torch.long); off = torch.tensor([0, 20, 40, 60]); pair = torch.full_like(tok, -1)\n"
+        "pair[20:40] = tok[:20]\n"
+        "for dtype in (torch.float32, torch.bfloat16, torch.float16):\n"
+        "    for D in (37, 3584):\n"
+        "        x = torch.randn(2, 40, D, generator=g).to(dtype)\n"
+        "        fast = torch.ops.omnisift.video_scores_cpu(x, tok, off, pair)\n"
+        "        assert_close_scores(fast, video_ops.video_scores_torch(x, tok, off, pair), dtype)\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, OMNISIFT_CPU_BASELINE="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
