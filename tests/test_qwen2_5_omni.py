@@ -298,7 +298,7 @@ def test_decode_positions_and_cache_lengths(thinker):
     calls = []
 
     def hook(module, args, kwargs):
-        pkv = kwargs.get("past_key_values")
+        pkv = kwargs.get("past_key_values", kwargs.get("cache"))  # renamed ``cache`` in transformers 5.24
         calls.append((kwargs["position_ids"].clone(), kwargs["attention_mask"].clone(),
                       pkv.get_seq_length() if pkv is not None else 0))
 
@@ -332,6 +332,18 @@ def test_decode_positions_and_cache_lengths(thinker):
 # ---------------------------------------------------------------------------------------------
 # Other modalities (spec §9)
 # ---------------------------------------------------------------------------------------------
+def test_forward_use_cache_returns_the_cache(thinker):
+    """The prefill cache comes back in ``past_key_values`` whatever transformers calls it (``cache`` from 5.24)."""
+    inp = build_inputs(thinker.config, AV_ROWS, padding_side="right")
+    w = wrap(thinker, 0.5, 0.5)
+    with torch.no_grad():
+        out = w(**inp, use_cache=True)
+        no_cache = w(**inp, use_cache=False)
+    assert no_cache.past_key_values is None
+    assert out.past_key_values is not None
+    assert out.past_key_values.get_seq_length() == out.attention_mask.shape[1] == max(w.last_stats["kept_length"])
+
+
 @pytest.mark.parametrize(
     "name,rows",
     [

@@ -43,7 +43,7 @@ from ..selector import VisionGuidedAudioSelector
 from .. import synthetic as syn
 
 SUPPORTED_TRANSFORMERS = ("5.0", "6.0")  # [min, max)
-TESTED_TRANSFORMERS = ("5.0.0", "5.15.1", "5.17.0", "5.23.0")
+TESTED_TRANSFORMERS = ("5.0.0", "5.15.1", "5.17.0", "5.23.0", "5.24.0")
 
 _MEDIA_KEYS = (
     "input_features",
@@ -119,7 +119,8 @@ class OmniSIFTOutput:
         shift_labels: the gathered, pre-shifted labels (``[B, K]`` / ``[1, T]``), or None.
         keep_mask: bool ``[B, L]`` of the uncompressed batch.
         cu_seqlens: int32 ``[B + 1]`` kept lengths (packed layout boundaries).
-        past_key_values: the cache when ``use_cache=True`` was asked for.
+        past_key_values: the cache when ``use_cache=True`` was asked for (the thinker output's
+            ``past_key_values``, named ``cache`` from transformers 5.24).
     """
 
     loss: torch.Tensor | None
@@ -150,6 +151,12 @@ def _as_tensor(out: Any, attr: str) -> torch.Tensor:
     if isinstance(value, (tuple, list)):
         return torch.cat(list(value), dim=0)
     return value
+
+
+def _output_cache(out: Any) -> Any:
+    """The KV cache of a transformers output: ``past_key_values`` before 5.24, ``cache`` from 5.24."""
+    cache = getattr(out, "past_key_values", None)
+    return cache if cache is not None else getattr(out, "cache", None)
 
 
 def text_model(thinker: nn.Module) -> nn.Module:
@@ -441,7 +448,7 @@ class OmniSIFTThinker(nn.Module):
         return OmniSIFTOutput(
             loss=loss, logits=logits, attention_mask=mask, position_ids=pos, shift_labels=shift,
             keep_mask=res.keep_mask, cu_seqlens=res.cu_seqlens,
-            past_key_values=getattr(out, "past_key_values", None) if use_cache else None,
+            past_key_values=_output_cache(out) if use_cache else None,
         )
 
     @torch.no_grad()
