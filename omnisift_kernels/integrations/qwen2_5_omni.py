@@ -20,7 +20,7 @@ the authors' release does (``thinker.compressor.v_proj.weight``, ...); the compr
 calls it is kept outside the module tree (no duplicate keys).
 
 Supported transformers versions: **5.0 <= version < 6.0** (:data:`SUPPORTED_TRANSFORMERS`); the test
-suite was run with 5.0.0, 5.15.1, 5.17.0 and 5.23.0. From 5.16 ``generate`` keeps the passed 4-row position ids;
+suite was run with 5.0.0, 5.15.1, 5.17.0, 5.23.0 and 5.24.0. From 5.16 ``generate`` keeps the passed 4-row position ids;
 5.0-5.15 drop them in the thinker's ``prepare_inputs_for_generation``, so there the prefill gets them
 through a per-call override and decoding follows ``rope_deltas`` (same positions, checked by the tests).
 4.x is refused (its thinker and generate internals differ; the spec's facts are for 5.x).
@@ -199,7 +199,7 @@ class OmniSIFTThinker(nn.Module):
             original lengths and the retention (audio+video kept / total).
         last_keep_mask: bool ``[B, L]`` of the last call.
 
-    Supported transformers: 5.0 <= version < 6.0 (tested 5.0.0, 5.15.1, 5.17.0, 5.23.0); others raise.
+    Supported transformers: 5.0 <= version < 6.0 (tested 5.0.0, 5.15.1, 5.17.0, 5.23.0, 5.24.0); others raise.
     """
 
     def __init__(
