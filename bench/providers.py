@@ -106,9 +106,11 @@ def _compiled_reference():
 
         # Graph breaks (.item(), nonzero, Python loops) are expected: keep their warnings quiet.
         torch._logging.set_logs(dynamo=logging.ERROR, graph_breaks=False, recompiles=False)
-        import torch._dynamo
+        # `from torch import ...`, not `import torch._dynamo`: the latter binds `torch` as a local
+        # name of this function, so the line above would fail with UnboundLocalError.
+        from torch import _dynamo
 
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, 64)
         _COMPILED["fn"] = torch.compile(reference_compress)
     return _COMPILED["fn"]
 

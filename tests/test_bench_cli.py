@@ -84,3 +84,17 @@ def test_compare_flags_2x_slower(quick_run, tmp_path):
     assert "REGRESSION" in p.stdout
     # the other way round it is faster, not a regression
     assert _run("compare", str(slow), str(out)).returncode == 0
+
+
+def test_compile_reference_provider_runs():
+    """``--provider compile-reference`` (off by default because compiling is slow) really times
+    ``torch.compile(reference)`` and agrees with the reference, instead of reporting an error row."""
+    p = _run("--quick", "--threads", "1", "--no-progress", "--device", "cpu", "--op", "e2e",
+             "--provider", "reference", "--provider", "compile-reference")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rows = [line for line in p.stdout.splitlines() if "| compile-reference |" in line]
+    assert rows, p.stdout
+    for line in rows:
+        assert "error" not in line and "skipped" not in line, line
+        median = line.split("|")[5].strip()
+        assert float(median) > 0, line
