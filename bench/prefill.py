@@ -1,0 +1,211 @@
+"""Prefill latency of a Qwen2.5-Omni-shaped text model with and without OmniSIFT compression.
+
+``python -m bench.prefill`` builds the thinker's text decoder (``Qwen2_5OmniThinkerTextModel``) at the
+real 7B (or 3B) shape with random weights in the chosen dtype, then, per workload and preset, times
+
+* ``full``: one prefill over every token of the merged sequence (``use_cache=True``, as in generate);
+* ``compress``: ``omnisift_kernels.compress`` on the same embeddings (backend ``auto``, the processor's
+  layout passed as ``grid`` so the call never synchronises), output right-padded;
+* ``compressed``: the prefill over the compressed sequence (kept TMRoPE ids, gaps kept);
+
+and prints the speedup ``full / (compress + compressed)`` and the share of the compression in the
+full prefill. Nothing is downloaded: the weights are random, which does not change the time.
+
+Examples::
+
+    python -m bench.prefill                                  # omni7b-20s + omni7b-120s, both presets
+    python -m bench.prefill --json bench/results/prefill-h200.json
+    python -m bench.prefill --workload tiny --shape tiny --device cpu   # a smoke run on the CPU
+
+The text model's vocabulary is shrunk (``--vocab``, default 1024): prefill takes ``inputs_embeds``, so
+the embedding table is never read, and the thinker's ``lm_head`` (outside the text model) only sees the
+last position during generation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+
+import torch
+
+import omnisift_kernels
+from omnisift_kernels.presets import PRESETS
+from omnisift_kernels.synthetic import WORKLOADS, make_workload
+
+from .cases import make_selector
+from .env import environment, header_line, pick_device
+from .report import write_json
+from .timing import time_fn
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+# Text decoders of the released checkpoints (Qwen2.5-Omni-7B / -3B thinker ``text_config``).
+SHAPES = {
+    "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+               num_key_value_heads=4, mrope_section=[16, 24, 24], rope_theta=1_000_000.0),
+    "3b": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+               num_key_value_heads=2, mrope_section=[16, 24, 24], rope_theta=1_000_000.0),
+}
+
+
+def text_config(shape: str, d_model: int, *, layers: int | None, vocab: int, attn: str):
+    """A ``Qwen2_5OmniTextConfig`` of the named shape (``tiny``: 4 heads, 2 layers, width ``d_model``)."""
+    from transformers import Qwen2_5OmniThinkerConfig
+
+    if shape == "tiny":
+        heads, half = 4, d_model // 8
+        spec = dict(hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=2,
+                    num_attention_heads=heads, num_key_value_heads=2,
+                    mrope_section=[half - 2 * (half // 4), half // 4, half // 4], rope_theta=10000.0)
+    else:
+        spec = dict(SHAPES[shape])
+    if spec["hidden_size"] != d_model:
+        raise ValueError(f"bench.prefill: shape {shape!r} has hidden size {spec['hidden_size']}, but the "
+                         f"workload's embeddings have width {d_model}; pick a workload of that width")
+    if layers is not None:
+        spec["num_hidden_layers"] = layers
+    rope = {"rope_type": "default", "rope_theta": spec.pop("rope_theta"), "mrope_section": spec.pop("mrope_section")}
+    cfg = Qwen2_5OmniThinkerConfig(text_config=dict(spec, vocab_size=vocab, max_position_embeddings=131072,
+                                                    rope_parameters=rope)).text_config
+    cfg._attn_implementation = attn
+    return cfg
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def build_text_model(cfg, device: torch.device, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
+    """The random text decoder, created directly on ``device`` in ``dtype`` (no fp32 copy of 7B)."""
+    from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniThinkerTextModel
+
+    torch.manual_seed(seed)
+    with torch.device(device), _default_dtype(dtype):
+        model = Qwen2_5OmniThinkerTextModel(cfg)
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def _ms(t) -> str:
+    return f"{t:.3g}" if t < 100 else f"{t:.0f}"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench.prefill", description=__doc__.split("\n\n")[0])
+    p.add_argument("--workload", action="append", choices=sorted(WORKLOADS),
+                   help="repeatable (default: omni7b-20s and omni7b-120s)")
+    p.add_argument("--preset", action="append", choices=["paper-35", "paper-25", "release-default"],
+                   help="repeatable (default: paper-35 and paper-25)")
+    p.add_argument("--shape", choices=[*SHAPES, "tiny"], default=None,
+                   help="text model shape (default: 7b for width 3584, 3b for 2048, tiny otherwise)")
+    p.add_argument("--layers", type=int, default=None, help="override the number of decoder layers")
+    p.add_argument("--vocab", type=int, default=1024, help="vocabulary of the random model (unused by prefill)")
+    p.add_argument("--attn", default="sdpa", help="attn_implementation (sdpa, eager, flash_attention_2, ...)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--repeat", type=int, default=None, help="timed calls per row (default: from a time budget)")
+    p.add_argument("--json", metavar="PATH", help="write the rows and the environment as JSON")
+    return p.parse_args(argv)
+
+
+def _default_shape(d_model: int) -> str:
+    return {3584: "7b", 2048: "3b"}.get(d_model, "tiny")
+
+
+def run(args) -> list[dict]:
+    device = pick_device(args.device)
+    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    workloads = args.workload or ["omni7b-20s", "omni7b-120s"]
+    presets = args.preset or ["paper-35", "paper-25"]
+    env = environment(device)
+    print(header_line(env), flush=True)
+    rows: list[dict] = []
+    models: dict[tuple, torch.nn.Module] = {}
+    print("workload      | preset   | tokens          | full prefill ms | compress ms | compressed prefill ms "
+          "| speedup | compress / full")
+    for wl in workloads:
+        d_model = WORKLOADS[wl].d_model
+        shape = args.shape or _default_shape(d_model)
+        key = (shape, d_model)
+        if key not in models:
+            models.clear()  # one 7B model on the device at a time
+            t0 = time.perf_counter()
+            cfg = text_config(shape, d_model, layers=args.layers, vocab=args.vocab, attn=args.attn)
+            models[key] = build_text_model(cfg, device, dtype)
+            print(f"[prefill] {shape} text model: {cfg.num_hidden_layers} layers, width {cfg.hidden_size}, "
+                  f"{dtype}, {args.attn}; built in {time.perf_counter() - t0:.1f} s", flush=True)
+        model = models[key]
+        batch = make_workload(wl, dtype=dtype, device=device, seed=0)
+        selector = make_selector(d_model, device=device)
+        kw = batch.compress_kwargs()
+        mask = kw["attention_mask"]
+
+        def full(_i):
+            return model(inputs_embeds=kw["inputs_embeds"], position_ids=kw["position_ids"],
+                         attention_mask=mask, use_cache=True)
+
+        with torch.no_grad():
+            t_full = time_fn(full, 1, device, repeat=args.repeat, budget_s=2.0, min_repeat=3, max_repeat=20)
+            for preset in presets:
+                p = PRESETS[preset]
+
+                def compress(_i):
+                    return omnisift_kernels.compress(
+                        **kw, rho_video=p.rho_video, rho_audio=p.rho_audio, selector=selector,
+                        output="right", grid=batch.rows)
+
+                out = compress(0)
+
+                def compressed(_i):
+                    return model(inputs_embeds=out.inputs_embeds, position_ids=out.position_ids,
+                                 attention_mask=out.attention_mask, use_cache=True)
+
+                t_c = time_fn(compress, 1, device, repeat=args.repeat, budget_s=1.0, min_repeat=5, max_repeat=100)
+                t_p = time_fn(compressed, 1, device, repeat=args.repeat, budget_s=2.0, min_repeat=3, max_repeat=20)
+                total_before = int(mask.sum())
+                total_after = int(out.attention_mask.sum())
+                speedup = t_full.median_ms / (t_c.median_ms + t_p.median_ms)
+                share = t_c.median_ms / t_full.median_ms
+                row = dict(workload=wl, preset=preset, shape=shape, layers=model.config.num_hidden_layers,
+                           dtype=str(dtype).replace("torch.", ""), attn=args.attn,
+                           tokens_full=total_before, tokens_compressed=total_after,
+                           full_prefill_ms=t_full.median_ms, full_prefill_p20_ms=t_full.p20_ms,
+                           full_prefill_p80_ms=t_full.p80_ms,
+                           compress_ms=t_c.median_ms, compress_p20_ms=t_c.p20_ms, compress_p80_ms=t_c.p80_ms,
+                           compressed_prefill_ms=t_p.median_ms, compressed_prefill_p20_ms=t_p.p20_ms,
+                           compressed_prefill_p80_ms=t_p.p80_ms,
+                           speedup=speedup, compress_share=share, **{k: env[k] for k in ("device_name", "commit")})
+                rows.append(row)
+                print(f"{wl:13s} | {preset:8s} | {total_before:6d} -> {total_after:6d} | "
+                      f"{_ms(t_full.median_ms):>15s} | {_ms(t_c.median_ms):>11s} | {_ms(t_p.median_ms):>21s} "
+                      f"| {speedup:6.2f}x | {100 * share:.2f}%", flush=True)
+        del batch
+    if args.json:
+        write_json(args.json, env, rows)
+        print(f"wrote {args.json} ({len(rows)} rows)")
+    return rows
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        from omnisift_kernels.integrations.qwen2_5_omni import check_transformers_version
+
+        check_transformers_version()
+    except (ImportError, RuntimeError) as e:
+        print(f"bench.prefill: needs transformers: {e}", file=sys.stderr)
+        return 2
+    run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
