@@ -17,6 +17,12 @@ Examples::
     python -m bench.prefill --json bench/results/prefill-h200.json
     python -m bench.prefill --workload tiny --shape tiny --device cpu   # a smoke run on the CPU
 
+Prefills are timed with one warm-up and ``--repeat`` timed calls (CUDA events on a GPU); the
+compression through the suite's ``time_fn``. The JSON (``--json``) is rewritten after every workload,
+and a workload that runs out of memory becomes an error row. Single-row workloads reach SDPA with
+``is_causal`` and no mask (flash attention); batches of several rows pass a padding mask, which
+rules flash attention out for both the full and the compressed prefill alike.
+
 The text model's vocabulary is shrunk (``--vocab``, default 1024): prefill takes ``inputs_embeds``, so
 the embedding table is never read, and the thinker's ``lm_head`` (outside the text model) only sees the
 last position during generation.
@@ -38,7 +44,7 @@ from omnisift_kernels.synthetic import WORKLOADS, make_workload
 from .cases import make_selector
 from .env import environment, header_line, pick_device
 from .report import write_json
-from .timing import time_fn
+from .timing import Timing, summarize, time_fn
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -91,7 +97,29 @@ def build_text_model(cfg, device: torch.device, dtype: torch.dtype, seed: int = 
     torch.manual_seed(seed)
     with torch.device(device), _default_dtype(dtype):
         model = Qwen2_5OmniThinkerTextModel(cfg)
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return model.eval().requires_grad_(False)  # no .to(dtype): the RoPE buffers stay fp32, as when loaded
+
+
+def time_calls(fn, device: torch.device, repeat: int, warmup: int = 1) -> Timing:
+    """``warmup`` untimed calls, then ``repeat`` timed ones (CUDA events on CUDA, ``perf_counter``
+    otherwise). For calls of a second or more, where ``do_bench``'s time budget would leave one sample."""
+    for _ in range(warmup):
+        fn(0)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeat)]
+        for start, end in events:
+            start.record()
+            fn(0)
+            end.record()
+        torch.cuda.synchronize(device)
+        return summarize([start.elapsed_time(end) for start, end in events])
+    samples = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn(0)
+        samples.append((time.perf_counter() - t) * 1e3)
+    return summarize(samples)
 
 
 def _ms(t) -> str:
@@ -102,7 +130,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.prefill", description=__doc__.split("\n\n")[0])
     p.add_argument("--workload", action="append", choices=sorted(WORKLOADS),
                    help="repeatable (default: omni7b-20s and omni7b-120s)")
-    p.add_argument("--preset", action="append", choices=["paper-35", "paper-25", "release-default"],
+    p.add_argument("--preset", action="append", choices=sorted(PRESETS),
                    help="repeatable (default: paper-35 and paper-25)")
     p.add_argument("--shape", choices=[*SHAPES, "tiny"], default=None,
                    help="text model shape (default: 7b for width 3584, 3b for 2048, tiny otherwise)")
@@ -111,7 +139,9 @@ def parse_args(argv=None):
     p.add_argument("--attn", default="sdpa", help="attn_implementation (sdpa, eager, flash_attention_2, ...)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--repeat", type=int, default=None, help="timed calls per row (default: from a time budget)")
+    p.add_argument("--repeat", type=int, default=None,
+                   help="timed prefills per row, after one warm-up (default 5 on CUDA, 3 on the CPU); the "
+                        "compression is timed from a time budget")
     p.add_argument("--json", metavar="PATH", help="write the rows and the environment as JSON")
     return p.parse_args(argv)
 
@@ -125,72 +155,93 @@ def run(args) -> list[dict]:
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     workloads = args.workload or ["omni7b-20s", "omni7b-120s"]
     presets = args.preset or ["paper-35", "paper-25"]
+    repeat = args.repeat or (5 if device.type == "cuda" else 3)
     env = environment(device)
     print(header_line(env), flush=True)
     rows: list[dict] = []
-    models: dict[tuple, torch.nn.Module] = {}
+    built: tuple | None = None
+    model = None
     print("workload      | preset   | tokens          | full prefill ms | compress ms | compressed prefill ms "
           "| speedup | compress / full")
     for wl in workloads:
         d_model = WORKLOADS[wl].d_model
         shape = args.shape or _default_shape(d_model)
-        key = (shape, d_model)
-        if key not in models:
-            models.clear()  # one 7B model on the device at a time
-            t0 = time.perf_counter()
-            cfg = text_config(shape, d_model, layers=args.layers, vocab=args.vocab, attn=args.attn)
-            models[key] = build_text_model(cfg, device, dtype)
-            print(f"[prefill] {shape} text model: {cfg.num_hidden_layers} layers, width {cfg.hidden_size}, "
-                  f"{dtype}, {args.attn}; built in {time.perf_counter() - t0:.1f} s", flush=True)
-        model = models[key]
-        batch = make_workload(wl, dtype=dtype, device=device, seed=0)
-        selector = make_selector(d_model, device=device)
-        kw = batch.compress_kwargs()
-        mask = kw["attention_mask"]
-
-        def full(_i):
-            return model(inputs_embeds=kw["inputs_embeds"], position_ids=kw["position_ids"],
-                         attention_mask=mask, use_cache=True)
-
-        with torch.no_grad():
-            t_full = time_fn(full, 1, device, repeat=args.repeat, budget_s=2.0, min_repeat=3, max_repeat=20)
-            for preset in presets:
-                p = PRESETS[preset]
-
-                def compress(_i):
-                    return omnisift_kernels.compress(
-                        **kw, rho_video=p.rho_video, rho_audio=p.rho_audio, selector=selector,
-                        output="right", grid=batch.rows)
-
-                out = compress(0)
-
-                def compressed(_i):
-                    return model(inputs_embeds=out.inputs_embeds, position_ids=out.position_ids,
-                                 attention_mask=out.attention_mask, use_cache=True)
-
-                t_c = time_fn(compress, 1, device, repeat=args.repeat, budget_s=1.0, min_repeat=5, max_repeat=100)
-                t_p = time_fn(compressed, 1, device, repeat=args.repeat, budget_s=2.0, min_repeat=3, max_repeat=20)
-                total_before = int(mask.sum())
-                total_after = int(out.attention_mask.sum())
-                speedup = t_full.median_ms / (t_c.median_ms + t_p.median_ms)
-                share = t_c.median_ms / t_full.median_ms
-                row = dict(workload=wl, preset=preset, shape=shape, layers=model.config.num_hidden_layers,
-                           dtype=str(dtype).replace("torch.", ""), attn=args.attn,
-                           tokens_full=total_before, tokens_compressed=total_after,
-                           full_prefill_ms=t_full.median_ms, full_prefill_p20_ms=t_full.p20_ms,
-                           full_prefill_p80_ms=t_full.p80_ms,
-                           compress_ms=t_c.median_ms, compress_p20_ms=t_c.p20_ms, compress_p80_ms=t_c.p80_ms,
-                           compressed_prefill_ms=t_p.median_ms, compressed_prefill_p20_ms=t_p.p20_ms,
-                           compressed_prefill_p80_ms=t_p.p80_ms,
-                           speedup=speedup, compress_share=share, **{k: env[k] for k in ("device_name", "commit")})
-                rows.append(row)
-                print(f"{wl:13s} | {preset:8s} | {total_before:6d} -> {total_after:6d} | "
-                      f"{_ms(t_full.median_ms):>15s} | {_ms(t_c.median_ms):>11s} | {_ms(t_p.median_ms):>21s} "
-                      f"| {speedup:6.2f}x | {100 * share:.2f}%", flush=True)
-        del batch
+        try:
+            if built != (shape, d_model):
+                model = None  # one model on the device at a time: drop the old one before building
+                built = None
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                t0 = time.perf_counter()
+                cfg = text_config(shape, d_model, layers=args.layers, vocab=args.vocab, attn=args.attn)
+                model = build_text_model(cfg, device, dtype)
+                built = (shape, d_model)
+                print(f"[prefill] {shape} text model: {cfg.num_hidden_layers} layers, width {cfg.hidden_size}, "
+                      f"{dtype}, {args.attn}; built in {time.perf_counter() - t0:.1f} s", flush=True)
+            rows.extend(_run_workload(args, wl, model, device, dtype, presets, repeat, env))
+        except torch.OutOfMemoryError as e:
+            print(f"{wl:13s} | out of memory: {str(e).splitlines()[0]}", flush=True)
+            rows.append(dict(workload=wl, error=f"out of memory: {str(e).splitlines()[0]}",
+                             **{k: env[k] for k in ("device_name", "commit")}))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        if args.json:  # after every workload, so that a later failure keeps the rows measured so far
+            write_json(args.json, env, rows)
     if args.json:
-        write_json(args.json, env, rows)
         print(f"wrote {args.json} ({len(rows)} rows)")
+    return rows
+
+
+def _run_workload(args, wl: str, model, device, dtype, presets, repeat: int, env: dict) -> list[dict]:
+    """The rows of one workload: the full prefill once, then the compression and the compressed
+    prefill per preset."""
+    d_model = WORKLOADS[wl].d_model
+    batch = make_workload(wl, dtype=dtype, device=device, seed=0)
+    selector = make_selector(d_model, device=device)
+    kw = dict(batch.compress_kwargs(), labels=None)  # inference: no labels to gather
+    mask = kw["attention_mask"]
+    if args.attn == "eager" and batch.inputs_embeds.shape[1] > 8192:
+        print(f"[prefill] warning: --attn eager materialises [B, heads, L, L] scores; L = "
+              f"{batch.inputs_embeds.shape[1]} may not fit", file=sys.stderr, flush=True)
+
+    def full(_i):
+        return model(inputs_embeds=kw["inputs_embeds"], position_ids=kw["position_ids"],
+                     attention_mask=mask, use_cache=True)
+
+    rows = []
+    with torch.no_grad():
+        t_full = time_calls(full, device, repeat)
+        for preset in presets:
+            p = PRESETS[preset]
+
+            def compress(_i):
+                return omnisift_kernels.compress(
+                    **kw, rho_video=p.rho_video, rho_audio=p.rho_audio, selector=selector,
+                    output="right", grid=batch.rows)
+
+            out = compress(0)
+
+            def compressed(_i):
+                return model(inputs_embeds=out.inputs_embeds, position_ids=out.position_ids,
+                             attention_mask=out.attention_mask, use_cache=True)
+
+            t_c = time_fn(compress, 1, device, budget_s=1.0, min_repeat=5, max_repeat=100)
+            t_p = time_calls(compressed, device, repeat)
+            total_before = int(mask.sum())
+            total_after = int(out.attention_mask.sum())
+            speedup = t_full.median_ms / (t_c.median_ms + t_p.median_ms)
+            share = t_c.median_ms / t_full.median_ms
+            row = dict(workload=wl, preset=preset, shape=args.shape or _default_shape(d_model),
+                       layers=model.config.num_hidden_layers, dtype=str(dtype).replace("torch.", ""),
+                       attn=args.attn, tokens_full=total_before, tokens_compressed=total_after)
+            for name, t in (("full_prefill", t_full), ("compress", t_c), ("compressed_prefill", t_p)):
+                row.update({f"{name}_ms": t.median_ms, f"{name}_p20_ms": t.p20_ms, f"{name}_p80_ms": t.p80_ms,
+                            f"{name}_n": t.n})
+            row.update(speedup=speedup, compress_share=share, **{k: env[k] for k in ("device_name", "commit")})
+            rows.append(row)
+            print(f"{wl:13s} | {preset:8s} | {total_before:6d} -> {total_after:6d} | "
+                  f"{_ms(t_full.median_ms):>15s} | {_ms(t_c.median_ms):>11s} | {_ms(t_p.median_ms):>21s} "
+                  f"| {speedup:6.2f}x | {100 * share:.2f}%", flush=True)
     return rows
 
 

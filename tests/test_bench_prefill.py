@@ -43,3 +43,32 @@ def test_prefill_7b_shape_config():
     cfg = prefill.text_config("7b", 3584, layers=None, vocab=16, attn="sdpa")
     assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers) == (3584, 18944, 28)
     assert (cfg.num_attention_heads, cfg.num_key_value_heads) == (28, 4)
+
+
+def test_prefill_out_of_memory_keeps_going_and_writes_json(tmp_path, monkeypatch):
+    """An out-of-memory workload becomes an error row; the JSON is written after every workload."""
+    import torch
+
+    calls = []
+
+    def fake(args, wl, *rest):
+        calls.append(wl)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9 GiB")
+        return [dict(workload=wl, preset="paper-35")]
+
+    monkeypatch.setattr(prefill, "_run_workload", fake)
+    out = tmp_path / "p.json"
+    assert prefill.main(["--workload", "tiny", "--workload", "tiny", "--shape", "tiny", "--device", "cpu",
+                         "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert rows[0]["workload"] == "tiny" and rows[0]["error"].startswith("out of memory")
+    assert rows[1] == dict(workload="tiny", preset="paper-35")
+
+
+def test_time_calls_counts_every_timed_call():
+    import torch
+
+    seen = []
+    t = prefill.time_calls(lambda i: seen.append(i), torch.device("cpu"), repeat=4, warmup=2)
+    assert t.n == 4 and len(seen) == 6 and t.p20_ms <= t.median_ms <= t.p80_ms
