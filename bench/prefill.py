@@ -17,8 +17,8 @@ Examples::
     python -m bench.prefill --json bench/results/prefill-h200.json
     python -m bench.prefill --workload tiny --shape tiny --device cpu   # a smoke run on the CPU
 
-Prefills are timed with one warm-up and ``--repeat`` timed calls (CUDA events on a GPU); the
-compression through the suite's ``time_fn``. The JSON (``--json``) is rewritten after every workload,
+Prefills are timed with one warm-up and exactly ``--repeat`` timed calls (``time_fn(...,
+exact_repeat=True)``: CUDA events on a GPU); the compression with the suite's time budget. The JSON (``--json``) is rewritten after every workload,
 and a workload that runs out of memory becomes an error row. Single-row workloads reach SDPA with
 ``is_causal`` and no mask (flash attention); batches of several rows pass a padding mask, which
 rules flash attention out for both the full and the compressed prefill alike.
@@ -44,7 +44,7 @@ from omnisift_kernels.synthetic import WORKLOADS, make_workload
 from .cases import make_selector
 from .env import environment, header_line, pick_device
 from .report import write_json
-from .timing import Timing, summarize, time_fn
+from .timing import time_fn
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -58,24 +58,25 @@ SHAPES = {
 
 
 def text_config(shape: str, d_model: int, *, layers: int | None, vocab: int, attn: str):
-    """A ``Qwen2_5OmniTextConfig`` of the named shape (``tiny``: 4 heads, 2 layers, width ``d_model``)."""
+    """A ``Qwen2_5OmniTextConfig`` of the named shape (``tiny``: the integration's tiny config at width
+    ``d_model``, 2 layers unless ``layers``)."""
     from transformers import Qwen2_5OmniThinkerConfig
 
-    if shape == "tiny":
-        heads, half = 4, d_model // 8
-        spec = dict(hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=2,
-                    num_attention_heads=heads, num_key_value_heads=2,
-                    mrope_section=[half - 2 * (half // 4), half // 4, half // 4], rope_theta=10000.0)
+    if shape == "tiny":  # the integration's tiny config (known to work on every supported version)
+        from omnisift_kernels.integrations.qwen2_5_omni import tiny_thinker_config
+
+        cfg = tiny_thinker_config(hidden_size=d_model, num_layers=layers or 2, vocab_size=vocab).text_config
     else:
         spec = dict(SHAPES[shape])
-    if spec["hidden_size"] != d_model:
-        raise ValueError(f"bench.prefill: shape {shape!r} has hidden size {spec['hidden_size']}, but the "
-                         f"workload's embeddings have width {d_model}; pick a workload of that width")
-    if layers is not None:
-        spec["num_hidden_layers"] = layers
-    rope = {"rope_type": "default", "rope_theta": spec.pop("rope_theta"), "mrope_section": spec.pop("mrope_section")}
-    cfg = Qwen2_5OmniThinkerConfig(text_config=dict(spec, vocab_size=vocab, max_position_embeddings=131072,
-                                                    rope_parameters=rope)).text_config
+        if spec["hidden_size"] != d_model:
+            raise ValueError(f"bench.prefill: shape {shape!r} has hidden size {spec['hidden_size']}, but the "
+                             f"workload's embeddings have width {d_model}; pick a workload of that width")
+        if layers is not None:
+            spec["num_hidden_layers"] = layers
+        rope = {"rope_type": "default", "rope_theta": spec.pop("rope_theta"),
+                "mrope_section": spec.pop("mrope_section")}
+        cfg = Qwen2_5OmniThinkerConfig(text_config=dict(spec, vocab_size=vocab, max_position_embeddings=131072,
+                                                        rope_parameters=rope)).text_config
     cfg._attn_implementation = attn
     return cfg
 
@@ -98,28 +99,6 @@ def build_text_model(cfg, device: torch.device, dtype: torch.dtype, seed: int = 
     with torch.device(device), _default_dtype(dtype):
         model = Qwen2_5OmniThinkerTextModel(cfg)
     return model.eval().requires_grad_(False)  # no .to(dtype): the RoPE buffers stay fp32, as when loaded
-
-
-def time_calls(fn, device: torch.device, repeat: int, warmup: int = 1) -> Timing:
-    """``warmup`` untimed calls, then ``repeat`` timed ones (CUDA events on CUDA, ``perf_counter``
-    otherwise). For calls of a second or more, where ``do_bench``'s time budget would leave one sample."""
-    for _ in range(warmup):
-        fn(0)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeat)]
-        for start, end in events:
-            start.record()
-            fn(0)
-            end.record()
-        torch.cuda.synchronize(device)
-        return summarize([start.elapsed_time(end) for start, end in events])
-    samples = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn(0)
-        samples.append((time.perf_counter() - t) * 1e3)
-    return summarize(samples)
 
 
 def _ms(t) -> str:
@@ -210,7 +189,7 @@ def _run_workload(args, wl: str, model, device, dtype, presets, repeat: int, env
 
     rows = []
     with torch.no_grad():
-        t_full = time_calls(full, device, repeat)
+        t_full = time_fn(full, 1, device, repeat=repeat, exact_repeat=True)
         for preset in presets:
             p = PRESETS[preset]
 
@@ -226,7 +205,7 @@ def _run_workload(args, wl: str, model, device, dtype, presets, repeat: int, env
                              attention_mask=out.attention_mask, use_cache=True)
 
             t_c = time_fn(compress, 1, device, budget_s=1.0, min_repeat=5, max_repeat=100)
-            t_p = time_calls(compressed, device, repeat)
+            t_p = time_fn(compressed, 1, device, repeat=repeat, exact_repeat=True)
             total_before = int(mask.sum())
             total_after = int(out.attention_mask.sum())
             speedup = t_full.median_ms / (t_c.median_ms + t_p.median_ms)

@@ -57,12 +57,15 @@ def time_fn(
     min_repeat: int = 5,
     max_repeat: int = 200,
     warmup: int = 1,
+    exact_repeat: bool = False,
 ) -> Timing:
     """Times ``fn(i)`` rotating ``i`` over ``range(n_inputs)``.
 
     ``repeat`` fixes the number of timed calls; otherwise it is chosen so that the timed calls take
     about ``budget_s`` (within ``[min_repeat, max_repeat]``), from the warm-up calls' time.
-    Warm-up calls (at least one per input set) are not counted.
+    Warm-up calls (at least one per input set) are not counted. ``exact_repeat`` times exactly
+    ``repeat`` calls on CUDA too (CUDA events instead of ``do_bench``, whose budget of at most 2 s
+    leaves a single sample for calls of a second or more, such as a 7B prefill).
     """
     # Warm-up: every input set once (allocator, lazy init, compile caches), and measure the cost.
     t0 = time.perf_counter()
@@ -74,7 +77,7 @@ def time_fn(
         repeat = int(budget_s / max(per_call, 1e-7))
         repeat = max(min_repeat, min(max_repeat, repeat))
     if device.type == "cuda":
-        return _time_cuda(fn, n_inputs, device, repeat)
+        return _time_cuda(fn, n_inputs, device, repeat, use_do_bench=not exact_repeat)
     samples = []
     for r in range(repeat):
         i = r % n_inputs
@@ -84,7 +87,7 @@ def time_fn(
     return summarize(samples)
 
 
-def _time_cuda(fn, n_inputs: int, device: torch.device, repeat: int) -> Timing:
+def _time_cuda(fn, n_inputs: int, device: torch.device, repeat: int, use_do_bench: bool = True) -> Timing:
     counter = [0]
 
     def rotating():
@@ -92,6 +95,8 @@ def _time_cuda(fn, n_inputs: int, device: torch.device, repeat: int) -> Timing:
         counter[0] += 1
 
     try:
+        if not use_do_bench:
+            raise ImportError  # the CUDA-event loop below
         from triton.testing import do_bench
 
         # do_bench picks its own number of calls from ``rep`` (ms); give it a budget matching repeat.

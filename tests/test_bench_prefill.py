@@ -66,9 +66,11 @@ def test_prefill_out_of_memory_keeps_going_and_writes_json(tmp_path, monkeypatch
     assert rows[1] == dict(workload="tiny", preset="paper-35")
 
 
-def test_time_calls_counts_every_timed_call():
+def test_time_fn_exact_repeat_counts_every_timed_call():
     import torch
 
+    from bench.timing import time_fn
+
     seen = []
-    t = prefill.time_calls(lambda i: seen.append(i), torch.device("cpu"), repeat=4, warmup=2)
+    t = time_fn(lambda i: seen.append(i), 1, torch.device("cpu"), repeat=4, warmup=2, exact_repeat=True)
     assert t.n == 4 and len(seen) == 6 and t.p20_ms <= t.median_ms <= t.p80_ms
