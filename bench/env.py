@@ -25,7 +25,14 @@ def pick_device(name: str = "auto") -> torch.device:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu {platform.processor() or platform.machine()} x{os.cpu_count()}"
+    # The VM behind "this CPU" changes between runs (AVX2-only or AVX-512 with bf16 seen): say which
+    # vector ISA torch dispatches to, and whether oneDNN has bf16 GEMM, since both move the figures.
+    isa = torch.backends.cpu.get_cpu_capability()
+    try:
+        extra = f" {isa} " + ("bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no-bf16")
+    except (AttributeError, RuntimeError):  # builds without oneDNN
+        extra = f" {isa}"
+    return f"cpu {platform.processor() or platform.machine()} x{os.cpu_count()}{extra}"
 
 
 def triton_version() -> str | None:
