@@ -1,4 +1,5 @@
-// CPU kernel of the fused video scores (the op `omnisift::video_scores` on CPU tensors).
+// CPU kernels of the fused video scores (the op `omnisift::video_scores_cpu`) and of the finiteness
+// check (`omnisift::all_finite_cpu`).
 //
 //   video_scores_cpu(x [B, L, D], token_index int64 [N], seg_offsets int64 [S+1], pair_index int64 [N])
 //       -> fp32 [N]
@@ -10,10 +11,16 @@
 // fp64 inputs). Tokens are flat indices b*L + l; x is read in place through its strides (no gathered
 // copy of the rows: on the CPU writing [N, D] temporaries costs more than the arithmetic).
 //
-// Traffic: one pass over the segments that hold at least one saliency token (the means), then one
-// pass over every token reading its row and its mean or partner row. A chunk's first frame is read
-// twice, its second frame once (its mean is never needed).
-
+// Schedule (fp32/bf16/fp16): units of work, in parallel. A segment whose successor has its size, only
+// paired tokens, and pairs token i with the segment's token i (a chunk's second frame, as the pipeline
+// lays them out) forms one unit with it. A unit is processed in column blocks of D small enough for the
+// L2 cache: one pass reads both frames' block (the second frame's partial temporal dots, the first
+// frame's sum and norms), a second pass reads the first frame's block again, from cache, for the
+// partial dots with the mean's block; so each frame comes from memory once. Any other segment is a
+// unit alone. The inner loops
+// live in csrc/cpu_simd_*.cpp, built for the portable baseline, AVX2 and AVX-512; the best one the CPU
+// runs is picked per call (OMNISIFT_CPU_ISA=base|avx2|avx512 caps it, for tests; OMNISIFT_CPU_BASELINE=1
+// is the same as base).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -22,263 +29,137 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
-#include <type_traits>
+#include <string>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#endif
+#include "cpu_simd.h"
 
 namespace omnisift {
 namespace {
 
-// ---- fp32 inner loops. The extension is built without -march flags (it must run on any x86-64), so
-// the hot loops exist twice: portable C++ (8 independent partial sums, which the compiler turns into
-// SSE2 code without reassociating sums itself) and, on x86-64, AVX2+FMA intrinsics picked at run time.
-
-constexpr int kLanes = 8;
-
-// <a, b>, |a|^2, |b|^2 of two contiguous fp32 vectors of length D, written to r[0..2].
-void dot3_base(const float* __restrict a, const float* __restrict b, int64_t D, float* r) {
-  float pd[kLanes] = {}, pa[kLanes] = {}, pb[kLanes] = {};
-  int64_t d = 0;
-  for (; d + kLanes <= D; d += kLanes) {
-    for (int j = 0; j < kLanes; ++j) {
-      const float va = a[d + j], vb = b[d + j];
-      pd[j] += va * vb;
-      pa[j] += va * va;
-      pb[j] += vb * vb;
-    }
+// The inner loops for this call: the best instruction set the CPU has, capped by OMNISIFT_CPU_ISA.
+const simd::Loops& cpu_loops() {
+  int cap = 2;  // 0 base, 1 avx2, 2 avx512
+  if (const char* forced = std::getenv("OMNISIFT_CPU_BASELINE"); forced && forced[0] == '1') cap = 0;
+  if (const char* isa = std::getenv("OMNISIFT_CPU_ISA"); isa && *isa) {
+    const std::string v(isa);
+    TORCH_CHECK_VALUE(v == "base" || v == "avx2" || v == "avx512",
+                      "omnisift: OMNISIFT_CPU_ISA must be base, avx2 or avx512, got '", v, "'");
+    cap = std::min(cap, v == "base" ? 0 : v == "avx2" ? 1 : 2);
   }
-  for (; d < D; ++d) {
-    pd[0] += a[d] * b[d];
-    pa[0] += a[d] * a[d];
-    pb[0] += b[d] * b[d];
-  }
-  float dot = 0, na2 = 0, nb2 = 0;
-  for (int j = 0; j < kLanes; ++j) {
-    dot += pd[j];
-    na2 += pa[j];
-    nb2 += pb[j];
-  }
-  r[0] = dot;
-  r[1] = na2;
-  r[2] = nb2;
-}
-
-// acc[d] += row[d] over a contiguous fp32 row.
-void add_base(float* __restrict acc, const float* __restrict row, int64_t D) {
-  for (int64_t d = 0; d < D; ++d) acc[d] += row[d];
-}
-
-// out[d] = float(row[d * sd]): a row of any input dtype, any stride, into a contiguous fp32 buffer.
-template <typename scalar_t>
-void to_float_base(float* __restrict out, const scalar_t* __restrict row, int64_t D, int64_t sd) {
-  for (int64_t d = 0; d < D; ++d) out[d] = static_cast<float>(row[d * sd]);
-}
-
 #if defined(__x86_64__) && defined(__GNUC__)
-#define OMNISIFT_HAVE_AVX2_PATH 1
-
-__attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-  return _mm_cvtss_f32(s);
-}
-
-__attribute__((target("avx2,fma"))) void dot3_avx2(const float* a, const float* b, int64_t D, float* r) {
-  __m256 d0 = _mm256_setzero_ps(), d1 = d0, a0 = d0, a1 = d0, b0 = d0, b1 = d0;
-  int64_t d = 0;
-  for (; d + 16 <= D; d += 16) {
-    const __m256 x0 = _mm256_loadu_ps(a + d), x1 = _mm256_loadu_ps(a + d + 8);
-    const __m256 y0 = _mm256_loadu_ps(b + d), y1 = _mm256_loadu_ps(b + d + 8);
-    d0 = _mm256_fmadd_ps(x0, y0, d0);
-    d1 = _mm256_fmadd_ps(x1, y1, d1);
-    a0 = _mm256_fmadd_ps(x0, x0, a0);
-    a1 = _mm256_fmadd_ps(x1, x1, a1);
-    b0 = _mm256_fmadd_ps(y0, y0, b0);
-    b1 = _mm256_fmadd_ps(y1, y1, b1);
-  }
-  float dot = hsum256(_mm256_add_ps(d0, d1)), na2 = hsum256(_mm256_add_ps(a0, a1)),
-        nb2 = hsum256(_mm256_add_ps(b0, b1));
-  for (; d < D; ++d) {
-    dot += a[d] * b[d];
-    na2 += a[d] * a[d];
-    nb2 += b[d] * b[d];
-  }
-  r[0] = dot;
-  r[1] = na2;
-  r[2] = nb2;
-}
-
-__attribute__((target("avx2,fma"))) void add_avx2(float* acc, const float* row, int64_t D) {
-  int64_t d = 0;
-  for (; d + 8 <= D; d += 8) _mm256_storeu_ps(acc + d, _mm256_add_ps(_mm256_loadu_ps(acc + d), _mm256_loadu_ps(row + d)));
-  for (; d < D; ++d) acc[d] += row[d];
-}
-
-// bf16 -> fp32 is a 16-bit shift; fp16 -> fp32 uses F16C (checked with AVX2 at run time).
-template <typename scalar_t>
-__attribute__((target("avx2,fma,f16c"))) void to_float_avx2(float* out, const scalar_t* row, int64_t D, int64_t sd) {
-  int64_t d = 0;
-  if (sd == 1) {
-    const auto* bits = reinterpret_cast<const uint16_t*>(row);
-    for (; d + 8 <= D; d += 8) {
-      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bits + d));
-      if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-        _mm256_storeu_ps(out + d, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
-      } else {
-        _mm256_storeu_ps(out + d, _mm256_cvtph_ps(h));
-      }
-    }
-  }
-  for (; d < D; ++d) out[d] = static_cast<float>(row[d * sd]);
-}
-
-// OMNISIFT_CPU_BASELINE=1 forces the portable loops (so that tests can run them on AVX2 machines).
-bool cpu_has_avx2_fma() {
-  static const bool has = [] {
-    const char* forced = std::getenv("OMNISIFT_CPU_BASELINE");
-    if (forced && forced[0] == '1') return false;
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  }();
-  return has;
-}
+  static const bool has_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                                 __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma") &&
+                                 __builtin_cpu_supports("f16c");
+  static const bool has_avx2 =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  if (cap >= 2 && has_avx512 && simd::loops_avx512()) return *simd::loops_avx512();
+  if (cap >= 1 && has_avx2 && simd::loops_avx2()) return *simd::loops_avx2();
 #endif
-
-struct Fp32Loops {
-  void (*dot3)(const float*, const float*, int64_t, float*);
-  void (*add)(float*, const float*, int64_t);
-};
-
-Fp32Loops fp32_loops() {
-#ifdef OMNISIFT_HAVE_AVX2_PATH
-  if (cpu_has_avx2_fma()) return {&dot3_avx2, &add_avx2};
-#endif
-  return {&dot3_base, &add_base};
+  return *simd::loops_base();
 }
 
-template <typename scalar_t>
-auto to_float_loop() -> void (*)(float*, const scalar_t*, int64_t, int64_t) {
-#ifdef OMNISIFT_HAVE_AVX2_PATH
-  if constexpr (std::is_same_v<scalar_t, c10::BFloat16> || std::is_same_v<scalar_t, c10::Half>) {
-    if (cpu_has_avx2_fma()) return &to_float_avx2<scalar_t>;
+simd::Elem elem_of(c10::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+      return simd::Elem::F32;
+    case at::kBFloat16:
+      return simd::Elem::BF16;
+    case at::kHalf:
+      return simd::Elem::F16;
+    default:
+      TORCH_CHECK_TYPE(false, "omnisift: no CPU inner loop for dtype ", t);
   }
-#endif
-  return &to_float_base<scalar_t>;
 }
 
-// ---- fp64 inputs: plain loops in double (rare; tests and gradchecks).
-
-inline void dot3_f64(const double* a, const double* b_row, const double* b_acc, int64_t D, int64_t sd, double* r) {
-  double dot = 0, na2 = 0, nb2 = 0;
-  for (int64_t d = 0; d < D; ++d) {
-    const double va = a[d * sd], vb = b_acc ? b_acc[d] : b_row[d * sd];
-    dot += va * vb;
-    na2 += va * va;
-    nb2 += vb * vb;
+// fp32/bf16/fp16: the unit schedule (see the top of the file).
+void video_scores_units(const at::Tensor& x, const at::Tensor& token_index, const at::Tensor& seg_offsets,
+                        const at::Tensor& pair_index, at::Tensor& out) {
+  const int64_t N = token_index.size(0), S = seg_offsets.size(0) - 1, D = x.size(2);
+  const int64_t* tok = token_index.const_data_ptr<int64_t>();
+  const int64_t* off = seg_offsets.const_data_ptr<int64_t>();
+  const int64_t* pair = pair_index.const_data_ptr<int64_t>();
+  TORCH_CHECK_VALUE(off[0] == 0 && off[S] == N, "video_scores_cpu: seg_offsets must run from 0 to N=", N,
+                    ", got ", off[0], " to ", off[S]);
+  // Units: a saliency-only segment followed by its index-wise partner is fused.
+  std::vector<int64_t> unit_seg;
+  std::vector<uint8_t> unit_fused;
+  unit_seg.reserve(S);
+  unit_fused.reserve(S);
+  int64_t max_seg = 0;
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t a = off[s], n = off[s + 1] - a;
+    TORCH_CHECK_VALUE(n >= 0, "video_scores_cpu: seg_offsets must be non-decreasing");
+    max_seg = std::max(max_seg, n);
+    bool fuse = n > 0 && s + 1 < S && off[s + 2] - off[s + 1] == n;
+    for (int64_t i = 0; i < n && fuse; ++i) fuse = pair[a + i] < 0 && pair[a + n + i] == tok[a + i];
+    unit_seg.push_back(s);
+    unit_fused.push_back(fuse ? 1 : 0);
+    if (fuse) ++s;  // the partner segment belongs to this unit
   }
-  r[0] = dot;
-  r[1] = na2;
-  r[2] = nb2;
+  simd::VideoScoresProblem prob{x.const_data_ptr(), elem_of(x.scalar_type()), x.size(1), D, x.stride(0),
+                                x.stride(1), x.stride(2), tok, off, pair, unit_seg.data(), unit_fused.data(),
+                                max_seg, out.data_ptr<float>()};
+  const simd::Loops& loops = cpu_loops();
+  const int64_t U = static_cast<int64_t>(unit_seg.size());
+  at::parallel_for(0, U, 1, [&](int64_t u0, int64_t u1) {
+    std::vector<float> buf(static_cast<size_t>(3 * D + 4 * max_seg));
+    simd::VideoScoresScratch scratch{buf.data(), buf.data() + D, buf.data() + 2 * D, buf.data() + 3 * D};
+    loops.video_scores_units(prob, u0, u1, scratch);
+  });
 }
 
-template <typename scalar_t>
-void video_scores_kernel(const at::Tensor& x, const at::Tensor& token_index, const at::Tensor& seg_offsets,
-                         const at::Tensor& pair_index, at::Tensor& out) {
-  constexpr bool kDouble = std::is_same_v<scalar_t, double>;
-  using acc_t = std::conditional_t<kDouble, double, float>;
-  // fp32 rows with unit stride are read in place; anything else is converted row by row into a
-  // per-thread fp32 buffer first (bf16/fp16 rows are half the bytes, so the conversion is cheap).
+// ---- fp64 inputs: plain loops in double (rare; tests and gradchecks): the means, then every position.
+
+void video_scores_f64(const at::Tensor& x, const at::Tensor& token_index, const at::Tensor& seg_offsets,
+                      const at::Tensor& pair_index, at::Tensor& out) {
   const int64_t L = x.size(1), D = x.size(2);
   const int64_t sb = x.stride(0), sl = x.stride(1), sd = x.stride(2);
   const int64_t N = token_index.size(0), S = seg_offsets.size(0) - 1;
-  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const double* xp = x.const_data_ptr<double>();
   const int64_t* tok = token_index.const_data_ptr<int64_t>();
   const int64_t* off = seg_offsets.const_data_ptr<int64_t>();
   const int64_t* pair = pair_index.const_data_ptr<int64_t>();
   float* outp = out.data_ptr<float>();
-  auto row = [&](int64_t t) -> const scalar_t* {
+  auto row = [&](int64_t t) -> const double* {
     const int64_t b = t / L;
     return xp + b * sb + (t - b * L) * sl;
   };
-  const bool in_place = std::is_same_v<scalar_t, float> && sd == 1;
-
-  // Segment means, only where some token needs one.
-  at::Tensor means = at::zeros({std::max<int64_t>(S, 1), D}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-  acc_t* mp = means.data_ptr<acc_t>();
+  std::vector<double> means(static_cast<size_t>(std::max<int64_t>(S, 1) * D), 0.0);
   at::parallel_for(0, S, 1, [&](int64_t s0, int64_t s1) {
-    std::vector<float> buf(kDouble || in_place ? 0 : D);
     for (int64_t s = s0; s < s1; ++s) {
       const int64_t a = off[s], e = off[s + 1];
-      bool needed = false;
-      for (int64_t p = a; p < e && !needed; ++p) needed = pair[p] < 0;
-      if (!needed) continue;
-      acc_t* m = mp + s * D;
+      double* m = means.data() + s * D;
       for (int64_t p = a; p < e; ++p) {
-        const scalar_t* r = row(tok[p]);
-        if constexpr (kDouble) {
-          for (int64_t d = 0; d < D; ++d) m[d] += r[d * sd];
-        } else {
-          const Fp32Loops loops = fp32_loops();
-          const float* rf;
-          if constexpr (std::is_same_v<scalar_t, float>) {
-            if (in_place) {
-              rf = r;
-            } else {
-              to_float_loop<scalar_t>()(buf.data(), r, D, sd);
-              rf = buf.data();
-            }
-          } else {
-            to_float_loop<scalar_t>()(buf.data(), r, D, sd);
-            rf = buf.data();
-          }
-          loops.add(m, rf, D);
-        }
+        const double* r = row(tok[p]);
+        for (int64_t d = 0; d < D; ++d) m[d] += r[d * sd];
       }
-      const acc_t inv = acc_t(1) / static_cast<acc_t>(std::max<int64_t>(e - a, 1));
+      const double inv = 1.0 / static_cast<double>(std::max<int64_t>(e - a, 1));
       for (int64_t d = 0; d < D; ++d) m[d] *= inv;
     }
   });
-
-  // Scores: every position p, parallel over positions (segment found by binary search).
-  constexpr acc_t eps = acc_t(1e-8);
   at::parallel_for(0, N, 64, [&](int64_t p0, int64_t p1) {
-    std::vector<float> buf_a(kDouble || in_place ? 0 : D), buf_b(kDouble || in_place ? 0 : D);
-    const Fp32Loops loops = fp32_loops();
-    const auto to_float = to_float_loop<scalar_t>();
     for (int64_t p = p0; p < p1; ++p) {
-      acc_t r[3];
-      const bool saliency = pair[p] < 0;
-      const acc_t* mean = nullptr;
-      if (saliency) {
-        const int64_t s = std::upper_bound(off, off + S + 1, p) - off - 1;
-        mean = mp + s * D;
-      }
-      if constexpr (kDouble) {
-        dot3_f64(row(tok[p]), saliency ? nullptr : row(pair[p]), mean, D, sd, r);
+      const double* a = row(tok[p]);
+      const double* m = nullptr;
+      const double* b = nullptr;
+      if (pair[p] < 0) {
+        m = means.data() + (std::upper_bound(off, off + S + 1, p) - off - 1) * D;
       } else {
-        const float *fa, *fb;
-        if (in_place) {
-          fa = reinterpret_cast<const float*>(row(tok[p]));
-          fb = saliency ? mean : reinterpret_cast<const float*>(row(pair[p]));
-        } else {
-          to_float(buf_a.data(), row(tok[p]), D, sd);
-          fa = buf_a.data();
-          if (saliency) {
-            fb = mean;
-          } else {
-            to_float(buf_b.data(), row(pair[p]), D, sd);
-            fb = buf_b.data();
-          }
-        }
-        loops.dot3(fa, fb, D, r);
+        b = row(pair[p]);
       }
-      const acc_t denom = std::max(std::sqrt(r[1]), eps) * std::max(std::sqrt(r[2]), eps);
-      outp[p] = static_cast<float>(r[0] / denom);
+      double dot = 0, na2 = 0, nb2 = 0;
+      for (int64_t d = 0; d < D; ++d) {
+        const double va = a[d * sd], vb = m ? m[d] : b[d * sd];
+        dot += va * vb;
+        na2 += va * va;
+        nb2 += vb * vb;
+      }
+      constexpr double eps = 1e-8;
+      outp[p] = static_cast<float>(dot / (std::max(std::sqrt(na2), eps) * std::max(std::sqrt(nb2), eps)));
     }
   });
 }
@@ -298,17 +179,76 @@ at::Tensor video_scores_cpu(const at::Tensor& x, const at::Tensor& token_index, 
   const at::Tensor tok = token_index.contiguous(), off = seg_offsets.contiguous(), pr = pair_index.contiguous();
   at::Tensor out = at::empty({tok.size(0)}, x.options().dtype(at::kFloat));
   if (tok.size(0) == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "video_scores_cpu",
-                                  [&] { video_scores_kernel<scalar_t>(x, tok, off, pr, out); });
+  if (x.scalar_type() == at::kDouble) {
+    video_scores_f64(x, tok, off, pr, out);
+  } else {
+    TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+                     "video_scores_cpu: x must be float32, bfloat16, float16 or float64, got ", x.scalar_type());
+    video_scores_units(x, tok, off, pr, out);
+  }
   return out;
+}
+
+// True (a bool scalar tensor) when x holds no NaN and no +-Inf. One read of x at memory speed (the
+// exponent bits of every element), in parallel blocks; non-contiguous x is made contiguous first.
+at::Tensor all_finite_cpu(const at::Tensor& x) {
+  at::Tensor out = at::empty({}, x.options().dtype(at::kBool));
+  const at::ScalarType t = x.scalar_type();
+  if (!at::isFloatingType(t)) {
+    out.fill_(true);
+    return out;
+  }
+  const at::Tensor xc = x.contiguous();
+  const int64_t n = xc.numel();
+  std::atomic<bool> finite{true};
+  if (t == at::kDouble) {
+    const uint64_t* w = static_cast<const uint64_t*>(xc.const_data_ptr());
+    at::parallel_for(0, n, 1 << 16, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        if ((w[i] & 0x7ff0000000000000ull) == 0x7ff0000000000000ull) {
+          finite = false;
+          return;
+        }
+      }
+    });
+  } else {
+    const simd::Elem elem = elem_of(t);
+    const int64_t bytes = static_cast<int64_t>(xc.element_size());
+    const char* base = static_cast<const char*>(xc.const_data_ptr());
+    const simd::Loops& loops = cpu_loops();
+    at::parallel_for(0, n, 1 << 16, [&](int64_t i0, int64_t i1) {
+      if (finite.load(std::memory_order_relaxed) && !loops.all_finite(base + i0 * bytes, elem, i1 - i0)) {
+        finite = false;
+      }
+    });
+  }
+  out.fill_(finite.load());
+  return out;
+}
+
+// The instruction set of the CPU inner loops this process uses ("base", "avx2" or "avx512").
+std::string cpu_kernels_isa() { return cpu_loops().isa; }
+
+// How many threads an at::parallel_for of this module runs on, for a range of n items (a build
+// check: without the compiler's OpenMP flag the region would silently run on one thread).
+int64_t cpu_parallel_threads(int64_t n) {
+  std::atomic<int64_t> ranges{0};
+  at::parallel_for(0, n, 1, [&](int64_t, int64_t) { ranges.fetch_add(1); });
+  return ranges.load();
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(omnisift, m) {
   m.def("video_scores_cpu(Tensor x, Tensor token_index, Tensor seg_offsets, Tensor pair_index) -> Tensor");
+  m.def("all_finite_cpu(Tensor x) -> Tensor");
+  m.def("cpu_kernels_isa() -> str", &cpu_kernels_isa);
+  m.def("cpu_parallel_threads(int n) -> int", &cpu_parallel_threads);
 }
 
-TORCH_LIBRARY_IMPL(omnisift, CPU, m) { m.impl("video_scores_cpu", &video_scores_cpu); }
+TORCH_LIBRARY_IMPL(omnisift, CPU, m) {
+  m.impl("video_scores_cpu", &video_scores_cpu);
+  m.impl("all_finite_cpu", &all_finite_cpu);
+}
 
 }  // namespace omnisift

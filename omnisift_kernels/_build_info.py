@@ -21,6 +21,8 @@ class BuildInfo:
         extension_error: why it did not, if it did not.
         extension_cpu_kernels: the extension registered CPU kernels (varlen compaction).
         extension_cuda_kernels: the extension registered CUDA kernels.
+        extension_cpu_isa: instruction set of the extension's CPU inner loops ("avx512", "avx2",
+            "base"), None without them.
         triton_version: the importable Triton's version, or None.
         triton_runtime: Triton kernels can run here (a CUDA device, or the interpreter).
         triton_interpreter: ``TRITON_INTERPRET=1`` is set, so Triton kernels run on the CPU.
@@ -35,6 +37,7 @@ class BuildInfo:
     extension_error: str | None
     extension_cpu_kernels: bool
     extension_cuda_kernels: bool
+    extension_cpu_isa: str | None
     triton_version: str | None
     triton_runtime: bool
     triton_interpreter: bool
@@ -49,6 +52,8 @@ class BuildInfo:
         if self.extension_loaded:
             kinds = [k for k, on in (("cpu", self.extension_cpu_kernels), ("cuda", self.extension_cuda_kernels)) if on]
             ext = "+".join(kinds) or "loaded (no kernels)"
+            if self.extension_cpu_isa:
+                ext += f" ({self.extension_cpu_isa})"
         triton = "absent"
         if self.triton_version is not None:
             mode = "interpreter" if self.triton_interpreter else ("gpu" if self.triton_runtime else "no runtime")
@@ -60,6 +65,15 @@ class BuildInfo:
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _cpu_isa() -> str | None:
+    if not _ext.ext_has_kernel("all_finite_cpu", "CPU"):
+        return None
+    try:
+        return torch.ops.omnisift.cpu_kernels_isa()
+    except Exception:  # a bad OMNISIFT_CPU_ISA value
+        return None
 
 
 def _device_name() -> str:
@@ -85,6 +99,7 @@ def build_info() -> BuildInfo:
         extension_error=_ext.EXT_ERROR,
         extension_cpu_kernels=_ext.ext_has_kernel("varlen_compact", "CPU"),
         extension_cuda_kernels=_ext.ext_has_kernel("varlen_compact", "CUDA"),
+        extension_cpu_isa=_cpu_isa(),
         triton_version=triton_version,
         triton_runtime=triton_version is not None and (interpreter or torch.cuda.is_available()),
         triton_interpreter=interpreter,

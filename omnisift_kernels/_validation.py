@@ -77,14 +77,25 @@ def check_compress_inputs(
     return B, L, D
 
 
+def _cpu_kernel_available() -> bool:
+    from ._ext import ext_has_kernel
+
+    return ext_has_kernel("all_finite_cpu", "CPU")
+
+
 def all_finite(x: torch.Tensor) -> torch.Tensor:
     """Bool scalar tensor: no NaN or Inf in ``x`` (no device read).
 
-    One reduction pass (``aminmax`` propagates NaN, and an Inf is the min or the max), without the
+    On the CPU with the extension: its ``all_finite_cpu`` kernel (the exponent bits of every element,
+    one read at memory speed: 4.2 vs 6.5 ms for ``aminmax`` on omni7b-20s fp32, 1.0 vs 6.0 ms in
+    bf16). Elsewhere one
+    reduction pass (``aminmax`` propagates NaN, and an Inf is the min or the max), without the
     full-size boolean temporary of ``torch.isfinite(x).all()`` (30x slower on the CPU).
     """
     if x.numel() == 0:
         return torch.ones((), dtype=torch.bool, device=x.device)
+    if x.device.type == "cpu" and not torch.compiler.is_compiling() and _cpu_kernel_available():
+        return torch.ops.omnisift.all_finite_cpu(x)
     lo, hi = torch.aminmax(x)
     return torch.isfinite(lo) & torch.isfinite(hi)
 

@@ -101,7 +101,8 @@ def test_build_info_reports_extension():
     if torch.version.cuda is None:
         assert not info.extension_cuda_kernels
     assert "extension cpu" in info.summary()
-    for op in ("varlen_compact", "varlen_scatter", "varlen_gather"):
+    assert info.extension_cpu_isa in ("base", "avx2", "avx512")
+    for op in ("varlen_compact", "varlen_scatter", "varlen_gather", "video_scores_cpu", "all_finite_cpu"):
         assert _ext.ext_has_kernel(op, "CPU"), op
 
 
@@ -118,6 +119,7 @@ NO_EXT_SCRIPT = textwrap.dedent(
     assert "omnisift_kernels._C" in str(runtime[0].message), str(runtime[0].message)
     info = omnisift_kernels.build_info()
     assert not info.extension_loaded and not info.extension_cpu_kernels and not info.extension_cuda_kernels
+    assert info.extension_cpu_isa is None
     assert "extension none" in info.summary(), info.summary()
 
     import torch

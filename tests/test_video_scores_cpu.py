@@ -29,12 +29,22 @@ def _layout_with_pairs(B, L, sizes, seed):
     return tok, off, pair
 
 
+ISAS = ["base", "avx2", "avx512"]
+
+
+@pytest.fixture(params=ISAS)
+def cpu_isa(request, monkeypatch):
+    """Caps the kernels' instruction set (read per call); machines without it run the best below."""
+    monkeypatch.setenv("OMNISIFT_CPU_ISA", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("layout", ["contiguous", "sliced", "transposed"])
 @pytest.mark.parametrize("D", [37, 1, 8, 16, 3584])
-def test_cpp_kernel_equals_torch_path(dtype, layout, D):
+def test_cpp_kernel_equals_torch_path(dtype, layout, D, cpu_isa):
     # D covers the vector loops' tails: none (8, 16 and the Qwen2.5-Omni-7B width), scalar only (1),
-    # 16-wide + 8-wide + scalar (37).
+    # 32/16/8-wide + scalar (37); every instruction set the machine has.
     g = torch.Generator().manual_seed(0)
     B, L = 3, 40
     base = torch.randn(B, L, 2 * D, generator=g).to(dtype)
@@ -81,6 +91,88 @@ def test_empty_inputs():
     x = torch.randn(1, 4, 8)
     empty = torch.zeros(0, dtype=torch.int64)
     assert torch.ops.omnisift.video_scores_cpu(x, empty, torch.zeros(1, dtype=torch.int64), empty).shape == (0,)
+
+
+def _mixed_layout(B, L, D, seed):
+    """Segments the kernel must not fuse: pairs into a later or an unrelated segment, partial pairing,
+    a saliency segment followed by a same-size segment paired out of order, and a fusable pair."""
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(B * L, generator=g)
+    sizes = [6, 6, 5, 5, 4, 9, 6, 6]
+    tok, off = [], [0]
+    pos = 0
+    for n in sizes:
+        tok.append(torch.sort(perm[pos:pos + n]).values)
+        pos += n
+        off.append(pos)
+    tok = torch.cat(tok)
+    off = torch.tensor(off)
+    pair = torch.full_like(tok, -1)
+    seg = lambda s: slice(int(off[s]), int(off[s + 1]))  # noqa: E731
+    pair[seg(1)] = tok[seg(0)].flip(0)            # same size, paired out of order: not fused
+    pair[seg(2)][:3] = tok[seg(3)][:3]            # partly paired, to a later segment
+    pair[seg(5)] = tok[torch.arange(9) % 6]       # paired into segment 0, mixed sizes
+    pair[seg(7)] = tok[seg(6)]                    # the fusable case
+    return torch.randn(B, L, D, generator=g), tok, off, pair
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_unfusable_segments_equal_the_torch_path(dtype, cpu_isa):
+    x, tok, off, pair = _mixed_layout(2, 40, 67, seed=3)
+    x = x.to(dtype)
+    fast = torch.ops.omnisift.video_scores_cpu(x, tok, off, pair)
+    assert_close_scores(fast, video_ops.video_scores_torch(x, tok, off, pair), dtype)
+
+
+def test_isa_cap_is_honoured(monkeypatch):
+    best = torch.ops.omnisift.cpu_kernels_isa()
+    assert best in ISAS
+    monkeypatch.setenv("OMNISIFT_CPU_ISA", "base")
+    assert torch.ops.omnisift.cpu_kernels_isa() == "base"
+    monkeypatch.setenv("OMNISIFT_CPU_ISA", "avx2")
+    assert torch.ops.omnisift.cpu_kernels_isa() in ("base", "avx2")
+    monkeypatch.setenv("OMNISIFT_CPU_ISA", "sse9")
+    with pytest.raises(ValueError, match="OMNISIFT_CPU_ISA"):
+        torch.ops.omnisift.cpu_kernels_isa()
+
+
+def test_parallel_regions_use_every_thread():
+    """The module is built with OpenMP when torch is: at::parallel_for splits over torch's threads."""
+    if "OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("torch does not use OpenMP here")
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert torch.ops.omnisift.cpu_parallel_threads(1000) == 2
+        torch.set_num_threads(1)
+        assert torch.ops.omnisift.cpu_parallel_threads(1000) == 1
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_all_finite_cpu(dtype, cpu_isa):
+    from omnisift_kernels._validation import all_finite
+
+    n = 3 * 65536 + 123  # several parallel ranges, several 8192-element blocks, a ragged tail
+    x = torch.randn(n).to(dtype)
+    assert bool(torch.ops.omnisift.all_finite_cpu(x)) and bool(all_finite(x))
+    for where in (0, 8191, 8192, 65536 + 17, n - 1):
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            y = x.clone()
+            y[where] = bad
+            assert not bool(torch.ops.omnisift.all_finite_cpu(y)), (where, bad)
+            assert not bool(all_finite(y.view(1, -1, 1)))
+    # Largest finite values and subnormals are finite; a non-contiguous view is checked as it is.
+    big = torch.full((100,), torch.finfo(dtype).max, dtype=dtype)
+    big[1::2] = torch.finfo(dtype).tiny / 2
+    assert bool(torch.ops.omnisift.all_finite_cpu(big))
+    base = torch.randn(64, 16).to(dtype)
+    base[3, 1] = float("nan")
+    assert bool(torch.ops.omnisift.all_finite_cpu(base[:, ::2]))        # the NaN is not in the view
+    assert not bool(torch.ops.omnisift.all_finite_cpu(base[:, 1::2]))   # it is here
+    assert bool(torch.ops.omnisift.all_finite_cpu(torch.arange(10)))    # integers are finite
+    assert torch.ops.omnisift.all_finite_cpu(x[:0]).dtype == torch.bool
 
 
 def test_portable_loops_equal_the_torch_path():

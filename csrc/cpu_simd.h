@@ -1,0 +1,58 @@
+// Inner loops of the CPU kernels, compiled once per instruction set (no torch headers here).
+//
+// csrc/cpu_simd_impl.h holds the loops as templates over a vector policy; cpu_simd_base.cpp,
+// cpu_simd_avx2.cpp and cpu_simd_avx512.cpp instantiate them with the portable policy, AVX2+FMA and
+// AVX-512 (each TU is compiled with its own -m flags, so nothing outside it may use those
+// instructions). video_scores_cpu.cpp picks one table at run time from the CPU's features.
+#pragma once
+
+#include <cstdint>
+
+namespace omnisift {
+namespace simd {
+
+enum class Elem : int { F32 = 0, BF16 = 1, F16 = 2 };
+
+// One call of the fused video scores (see video_scores_cpu.cpp for the op's contract).
+//
+// Work is split into units: unit u is segment unit_seg[u] ("A"), and, when unit_fused[u] != 0, also
+// segment unit_seg[u] + 1 ("B"), which has A's size, no saliency token and pairs its i-th token with
+// A's i-th token. A fused unit reads A and B from memory once: in column blocks of D that fit the L2
+// cache, one pass over A's and B's block (B's temporal partial sums, A's sum and norms), then a second
+// pass over A's block, from cache, for the partial dots with the block of A's mean.
+struct VideoScoresProblem {
+  const void* x;   // [B, L, D] embeddings, element type `elem`, strides below (in elements)
+  Elem elem;
+  int64_t L, D, stride_b, stride_l, stride_d;
+  const int64_t* token_index;  // [N] flat b*L + l
+  const int64_t* seg_offsets;  // [S+1]
+  const int64_t* pair_index;   // [N], < 0: saliency (cosine with the segment's mean)
+  const int64_t* unit_seg;     // [U]
+  const uint8_t* unit_fused;   // [U]
+  int64_t max_segment;         // largest segment size
+  float* out;                  // [N]
+};
+
+// Per-thread scratch: sum [D], row_a and row_b [D] (strided rows), acc [4 * max_segment].
+struct VideoScoresScratch {
+  float* sum;
+  float* row_a;
+  float* row_b;
+  float* acc;
+};
+
+struct Loops {
+  const char* isa;
+  // Scores of units [u0, u1).
+  void (*video_scores_units)(const VideoScoresProblem& p, int64_t u0, int64_t u1, VideoScoresScratch& s);
+  // True when none of x[0:n] (contiguous, element type elem) is NaN or +-Inf.
+  bool (*all_finite)(const void* x, Elem elem, int64_t n);
+};
+
+// nullptr when the compiler could not build that instruction set.
+const Loops* loops_base();
+const Loops* loops_avx2();
+const Loops* loops_avx512();
+
+}  // namespace simd
+}  // namespace omnisift

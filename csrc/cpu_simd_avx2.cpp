@@ -1,0 +1,58 @@
+// The AVX2 + FMA + F16C build of the CPU inner loops (compiled with -mavx2 -mfma -mf16c; called only
+// when the CPU has them).
+#include "cpu_simd_impl.h"
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+
+namespace omnisift {
+namespace simd {
+namespace {
+
+struct VecAvx2 {
+  static constexpr int W = 8;
+  using reg = __m256;
+  static reg zero() { return _mm256_setzero_ps(); }
+  template <Elem E>
+  static reg load(const typename ElemType<E>::type* p) {
+    if constexpr (E == Elem::F32) {
+      return _mm256_loadu_ps(p);
+    } else {
+      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+      if constexpr (E == Elem::BF16) {
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+      } else {
+        return _mm256_cvtph_ps(h);
+      }
+    }
+  }
+  static reg loadf(const float* p) { return _mm256_loadu_ps(p); }
+  static void storef(float* p, reg a) { _mm256_storeu_ps(p, a); }
+  static reg fma(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
+  static reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
+  static float hsum(reg v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+  }
+};
+
+const Loops kLoops = {"avx2", &video_units<VecAvx2>, &all_finite_impl};
+
+}  // namespace
+
+const Loops* loops_avx2() { return &kLoops; }
+
+}  // namespace simd
+}  // namespace omnisift
+
+#else
+
+namespace omnisift {
+namespace simd {
+const Loops* loops_avx2() { return nullptr; }
+}  // namespace simd
+}  // namespace omnisift
+
+#endif

@@ -1,0 +1,53 @@
+// The AVX-512 build of the CPU inner loops (compiled with -mavx512f -mavx512bw -mavx512vl -mfma
+// -mf16c; called only when the CPU has AVX-512F/BW/VL).
+#include "cpu_simd_impl.h"
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+
+namespace omnisift {
+namespace simd {
+namespace {
+
+struct VecAvx512 {
+  static constexpr int W = 16;
+  using reg = __m512;
+  static reg zero() { return _mm512_setzero_ps(); }
+  template <Elem E>
+  static reg load(const typename ElemType<E>::type* p) {
+    if constexpr (E == Elem::F32) {
+      return _mm512_loadu_ps(p);
+    } else {
+      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+      if constexpr (E == Elem::BF16) {
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+      } else {
+        return _mm512_cvtph_ps(h);
+      }
+    }
+  }
+  static reg loadf(const float* p) { return _mm512_loadu_ps(p); }
+  static void storef(float* p, reg a) { _mm512_storeu_ps(p, a); }
+  static reg fma(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
+  static reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
+  static float hsum(reg v) { return _mm512_reduce_add_ps(v); }
+};
+
+const Loops kLoops = {"avx512", &video_units<VecAvx512>, &all_finite_impl};
+
+}  // namespace
+
+const Loops* loops_avx512() { return &kLoops; }
+
+}  // namespace simd
+}  // namespace omnisift
+
+#else
+
+namespace omnisift {
+namespace simd {
+const Loops* loops_avx512() { return nullptr; }
+}  // namespace simd
+}  // namespace omnisift
+
+#endif
