@@ -30,6 +30,8 @@ struct VideoScoresProblem {
   const int64_t* unit_seg;     // [U]
   const uint8_t* unit_fused;   // [U]
   int64_t max_segment;         // largest segment size
+  bool check_finite;           // flag rows holding NaN/Inf in *nonfinite_token
+  int64_t* nonfinite_token;    // -1, or (when check_finite) the flat index of some non-finite row
   float* out;                  // [N]
 };
 
@@ -47,6 +49,8 @@ struct Loops {
   void (*video_scores_units)(const VideoScoresProblem& p, int64_t u0, int64_t u1, VideoScoresScratch& s);
   // True when none of x[0:n] (contiguous, element type elem) is NaN or +-Inf.
   bool (*all_finite)(const void* x, Elem elem, int64_t n);
+  // The same for n elements spaced by `stride` elements.
+  bool (*all_finite_strided)(const void* x, Elem elem, int64_t n, int64_t stride);
 };
 
 // nullptr when the compiler could not build that instruction set.

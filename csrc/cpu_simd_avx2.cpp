@@ -38,7 +38,7 @@ struct VecAvx2 {
   }
 };
 
-const Loops kLoops = {"avx2", &video_units<VecAvx2>, &all_finite_impl};
+const Loops kLoops = {"avx2", &video_units<VecAvx2>, &all_finite_impl, &all_finite_strided_impl};
 
 }  // namespace
 

@@ -33,7 +33,7 @@ struct VecAvx512 {
   static float hsum(reg v) { return _mm512_reduce_add_ps(v); }
 };
 
-const Loops kLoops = {"avx512", &video_units<VecAvx512>, &all_finite_impl};
+const Loops kLoops = {"avx512", &video_units<VecAvx512>, &all_finite_impl, &all_finite_strided_impl};
 
 }  // namespace
 

@@ -41,7 +41,7 @@ struct VecBase {
   }
 };
 
-const Loops kLoops = {"base", &video_units<VecBase>, &all_finite_impl};
+const Loops kLoops = {"base", &video_units<VecBase>, &all_finite_impl, &all_finite_strided_impl};
 
 }  // namespace
 

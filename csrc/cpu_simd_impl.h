@@ -184,6 +184,54 @@ inline float cosine(float dot, float na2, float nb2) {
 }
 
 // ------------------------------------------------------------------------------------------------
+// Finiteness: an element is NaN or +-Inf exactly when its exponent bits are all ones. Plain loops
+// (the compiler vectorizes them with this TU's instruction set), blocks of 8192 with an early exit.
+
+template <typename W, W kMask>
+bool exponent_never_all_ones(const W* w, int64_t n) {
+  constexpr int64_t kBlock = 8192;
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t e = n < b + kBlock ? n : b + kBlock;
+    W bad = 0;
+    for (int64_t i = b; i < e; ++i) bad |= static_cast<W>((w[i] & kMask) == kMask);
+    if (bad) return false;
+  }
+  return true;
+}
+
+template <typename W, W kMask>
+bool exponent_never_all_ones_strided(const W* w, int64_t n, int64_t stride) {
+  for (int64_t i = 0; i < n; ++i) {
+    if ((w[i * stride] & kMask) == kMask) return false;
+  }
+  return true;
+}
+
+inline bool all_finite_strided_impl(const void* x, Elem elem, int64_t n, int64_t stride) {
+  switch (elem) {
+    case Elem::F32:
+      return exponent_never_all_ones_strided<uint32_t, 0x7f800000u>(static_cast<const uint32_t*>(x), n, stride);
+    case Elem::BF16:
+      return exponent_never_all_ones_strided<uint16_t, 0x7f80u>(static_cast<const uint16_t*>(x), n, stride);
+    case Elem::F16:
+      return exponent_never_all_ones_strided<uint16_t, 0x7c00u>(static_cast<const uint16_t*>(x), n, stride);
+  }
+  return true;
+}
+
+inline bool all_finite_impl(const void* x, Elem elem, int64_t n) {
+  switch (elem) {
+    case Elem::F32:
+      return exponent_never_all_ones<uint32_t, 0x7f800000u>(static_cast<const uint32_t*>(x), n);
+    case Elem::BF16:
+      return exponent_never_all_ones<uint16_t, 0x7f80u>(static_cast<const uint16_t*>(x), n);
+    case Elem::F16:
+      return exponent_never_all_ones<uint16_t, 0x7c00u>(static_cast<const uint16_t*>(x), n);
+  }
+  return true;
+}
+
+// ------------------------------------------------------------------------------------------------
 // The unit schedule: pass 1 reads the unit's rows from memory (A's sum and norms, a fused B's temporal
 // dots, both frames side by side), pass 2 reads A again for the dots with the mean, mostly from the
 // L2/L3 cache. (Column blocks of D sized for L2, reading every byte from memory exactly once, measured
@@ -215,6 +263,15 @@ void video_units_impl(const VideoScoresProblem& p, int64_t u0, int64_t u1, Video
   float* norm_a = s.acc + p.max_segment;        // |a_i|^2
   float* dot_ab = s.acc + 2 * p.max_segment;    // <a_i, b_i> (fused)
   float* norm_b = s.acc + 3 * p.max_segment;    // |b_i|^2 (fused)
+  // Every token's own squared norm is computed below; NaN/Inf in a row makes it non-finite (and so
+  // may a finite row with huge values: only then are the row's elements checked one by one).
+  auto flag_if_nonfinite = [&](int64_t t, float norm2) {
+    if (!p.check_finite || __builtin_isfinite(norm2)) return;
+    const int64_t b = t / L;
+    if (!all_finite_strided_impl(x + b * p.stride_b + (t - b * L) * p.stride_l, E, D, p.stride_d)) {
+      __atomic_store_n(p.nonfinite_token, t, __ATOMIC_RELAXED);
+    }
+  };
   for (int64_t u = u0; u < u1; ++u) {
     const int64_t seg = p.unit_seg[u];
     const int64_t a0 = p.seg_offsets[seg], n = p.seg_offsets[seg + 1] - a0;
@@ -256,12 +313,17 @@ void video_units_impl(const VideoScoresProblem& p, int64_t u0, int64_t u1, Video
           dot3<V, RE>(row(tok[a0 + i], s.row_a), row(pair[a0 + i], s.row_b), D, r);
           p.out[a0 + i] = cosine(r[0], r[1], r[2]);
         }
-        if (fused) p.out[b0 + i] = cosine(dot_ab[i], norm_a[i], norm_b[i]);
+        flag_if_nonfinite(tok[a0 + i], norm_a[i]);
+        if (fused) {
+          p.out[b0 + i] = cosine(dot_ab[i], norm_a[i], norm_b[i]);
+          flag_if_nonfinite(tok[b0 + i], norm_b[i]);
+        }
       }
     } else {
       for (int64_t i = 0; i < n; ++i) {
         dot3<V, RE>(row(tok[a0 + i], s.row_a), row(pair[a0 + i], s.row_b), D, r);
         p.out[a0 + i] = cosine(r[0], r[1], r[2]);
+        flag_if_nonfinite(tok[a0 + i], r[1]);
       }
     }
   }
@@ -290,34 +352,6 @@ void video_units(const VideoScoresProblem& p, int64_t u0, int64_t u1, VideoScore
       video_units_typed<V, Elem::F16>(p, u0, u1, s);
       break;
   }
-}
-
-// ------------------------------------------------------------------------------------------------
-// Finiteness: an element is NaN or +-Inf exactly when its exponent bits are all ones. Plain loops
-// (the compiler vectorizes them with this TU's instruction set), blocks of 8192 with an early exit.
-
-template <typename W, W kMask>
-bool exponent_never_all_ones(const W* w, int64_t n) {
-  constexpr int64_t kBlock = 8192;
-  for (int64_t b = 0; b < n; b += kBlock) {
-    const int64_t e = n < b + kBlock ? n : b + kBlock;
-    W bad = 0;
-    for (int64_t i = b; i < e; ++i) bad |= static_cast<W>((w[i] & kMask) == kMask);
-    if (bad) return false;
-  }
-  return true;
-}
-
-inline bool all_finite_impl(const void* x, Elem elem, int64_t n) {
-  switch (elem) {
-    case Elem::F32:
-      return exponent_never_all_ones<uint32_t, 0x7f800000u>(static_cast<const uint32_t*>(x), n);
-    case Elem::BF16:
-      return exponent_never_all_ones<uint16_t, 0x7f80u>(static_cast<const uint16_t*>(x), n);
-    case Elem::F16:
-      return exponent_never_all_ones<uint16_t, 0x7c00u>(static_cast<const uint16_t*>(x), n);
-  }
-  return true;
 }
 
 }  // namespace

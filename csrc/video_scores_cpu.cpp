@@ -25,6 +25,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/isfinite.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -32,6 +33,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -77,13 +79,14 @@ simd::Elem elem_of(c10::ScalarType t) {
 
 // fp32/bf16/fp16: the unit schedule (see the top of the file).
 void video_scores_units(const at::Tensor& x, const at::Tensor& token_index, const at::Tensor& seg_offsets,
-                        const at::Tensor& pair_index, at::Tensor& out) {
+                        const at::Tensor& pair_index, at::Tensor& out, bool check_finite) {
   const int64_t N = token_index.size(0), S = seg_offsets.size(0) - 1, D = x.size(2);
   const int64_t* tok = token_index.const_data_ptr<int64_t>();
   const int64_t* off = seg_offsets.const_data_ptr<int64_t>();
   const int64_t* pair = pair_index.const_data_ptr<int64_t>();
   TORCH_CHECK_VALUE(off[0] == 0 && off[S] == N, "video_scores_cpu: seg_offsets must run from 0 to N=", N,
                     ", got ", off[0], " to ", off[S]);
+  int64_t nonfinite = -1;
   // Units: a saliency-only segment followed by its index-wise partner is fused.
   std::vector<int64_t> unit_seg;
   std::vector<uint8_t> unit_fused;
@@ -102,7 +105,7 @@ void video_scores_units(const at::Tensor& x, const at::Tensor& token_index, cons
   }
   simd::VideoScoresProblem prob{x.const_data_ptr(), elem_of(x.scalar_type()), x.size(1), D, x.stride(0),
                                 x.stride(1), x.stride(2), tok, off, pair, unit_seg.data(), unit_fused.data(),
-                                max_seg, out.data_ptr<float>()};
+                                max_seg, check_finite, &nonfinite, out.data_ptr<float>()};
   const simd::Loops& loops = cpu_loops();
   const int64_t U = static_cast<int64_t>(unit_seg.size());
   at::parallel_for(0, U, 1, [&](int64_t u0, int64_t u1) {
@@ -110,6 +113,8 @@ void video_scores_units(const at::Tensor& x, const at::Tensor& token_index, cons
     simd::VideoScoresScratch scratch{buf.data(), buf.data() + D, buf.data() + 2 * D, buf.data() + 3 * D};
     loops.video_scores_units(prob, u0, u1, scratch);
   });
+  TORCH_CHECK_VALUE(nonfinite < 0, "video_scores_cpu: x holds NaN or Inf values (the row of flat token ", nonfinite,
+                    ")");
 }
 
 // ---- fp64 inputs: plain loops in double (rare; tests and gradchecks): the means, then every position.
@@ -164,8 +169,10 @@ void video_scores_f64(const at::Tensor& x, const at::Tensor& token_index, const 
   });
 }
 
+// check_finite: raise a ValueError when a row of token_index holds NaN or Inf (every row's norm is
+// computed anyway; only a non-finite norm leads to an element-wise check of that row).
 at::Tensor video_scores_cpu(const at::Tensor& x, const at::Tensor& token_index, const at::Tensor& seg_offsets,
-                            const at::Tensor& pair_index) {
+                            const at::Tensor& pair_index, bool check_finite) {
   TORCH_CHECK_VALUE(x.dim() == 3, "video_scores_cpu: x must be [B, L, D], got ", x.sizes());
   TORCH_CHECK_VALUE(token_index.dim() == 1 && pair_index.sizes() == token_index.sizes(),
                     "video_scores_cpu: token_index and pair_index must be [N], got ", token_index.sizes(), " and ",
@@ -181,26 +188,54 @@ at::Tensor video_scores_cpu(const at::Tensor& x, const at::Tensor& token_index, 
   if (tok.size(0) == 0) return out;
   if (x.scalar_type() == at::kDouble) {
     video_scores_f64(x, tok, off, pr, out);
+    TORCH_CHECK_VALUE(!check_finite || at::isfinite(x).all().item<bool>(),  // rare dtype: all of x
+                      "video_scores_cpu: x holds NaN or Inf values");
   } else {
     TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
                      "video_scores_cpu: x must be float32, bfloat16, float16 or float64, got ", x.scalar_type());
-    video_scores_units(x, tok, off, pr, out);
+    video_scores_units(x, tok, off, pr, out, check_finite);
   }
   return out;
 }
 
 // True (a bool scalar tensor) when x holds no NaN and no +-Inf. One read of x at memory speed (the
-// exponent bits of every element), in parallel blocks; non-contiguous x is made contiguous first.
-at::Tensor all_finite_cpu(const at::Tensor& x) {
+// exponent bits of every element), in parallel blocks. With skip_rows (bool [B, L] for x [B, L, D]),
+// the rows where it is True are not read (the video rows, which video_scores_cpu checks itself).
+at::Tensor all_finite_cpu(const at::Tensor& x, const std::optional<at::Tensor>& skip_rows) {
   at::Tensor out = at::empty({}, x.options().dtype(at::kBool));
   const at::ScalarType t = x.scalar_type();
   if (!at::isFloatingType(t)) {
     out.fill_(true);
     return out;
   }
+  std::atomic<bool> finite{true};
+  if (skip_rows.has_value()) {
+    TORCH_CHECK_VALUE(x.dim() == 3, "all_finite_cpu: skip_rows needs x [B, L, D], got ", x.sizes());
+    const at::Tensor skip = skip_rows->contiguous();
+    TORCH_CHECK_VALUE(skip.scalar_type() == at::kBool && skip.numel() == x.size(0) * x.size(1),
+                      "all_finite_cpu: skip_rows must be bool with B*L = ", x.size(0) * x.size(1),
+                      " elements, got ", skip.scalar_type(), " ", skip.sizes());
+    TORCH_CHECK_TYPE(t != at::kDouble, "all_finite_cpu: skip_rows is not supported for float64");
+    const bool* sk = skip.const_data_ptr<bool>();
+    const int64_t L = x.size(1), D = x.size(2), sb = x.stride(0), sl = x.stride(1), sd = x.stride(2);
+    const int64_t bytes = static_cast<int64_t>(x.element_size());
+    const char* base = static_cast<const char*>(x.const_data_ptr());
+    const simd::Elem elem = elem_of(t);
+    const simd::Loops& loops = cpu_loops();
+    at::parallel_for(0, x.size(0) * L, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1 && finite.load(std::memory_order_relaxed); ++r) {
+        if (sk[r]) continue;
+        const int64_t b = r / L;
+        const char* row = base + (b * sb + (r - b * L) * sl) * bytes;
+        const bool ok = sd == 1 ? loops.all_finite(row, elem, D) : loops.all_finite_strided(row, elem, D, sd);
+        if (!ok) finite = false;
+      }
+    });
+    out.fill_(finite.load());
+    return out;
+  }
   const at::Tensor xc = x.contiguous();
   const int64_t n = xc.numel();
-  std::atomic<bool> finite{true};
   if (t == at::kDouble) {
     const uint64_t* w = static_cast<const uint64_t*>(xc.const_data_ptr());
     at::parallel_for(0, n, 1 << 16, [&](int64_t i0, int64_t i1) {
@@ -240,8 +275,9 @@ int64_t cpu_parallel_threads(int64_t n) {
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(omnisift, m) {
-  m.def("video_scores_cpu(Tensor x, Tensor token_index, Tensor seg_offsets, Tensor pair_index) -> Tensor");
-  m.def("all_finite_cpu(Tensor x) -> Tensor");
+  m.def("video_scores_cpu(Tensor x, Tensor token_index, Tensor seg_offsets, Tensor pair_index, "
+        "bool check_finite=False) -> Tensor");
+  m.def("all_finite_cpu(Tensor x, Tensor? skip_rows=None) -> Tensor");
   m.def("cpu_kernels_isa() -> str", &cpu_kernels_isa);
   m.def("cpu_parallel_threads(int n) -> int", &cpu_parallel_threads);
 }

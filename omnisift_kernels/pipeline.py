@@ -106,9 +106,24 @@ def index_plan(plan: DevicePlan, sizes: PlanSizes) -> IndexPlan:
     )
 
 
-def video_keep(x: torch.Tensor, index: IndexPlan) -> torch.Tensor:
-    """Stage 4: bool ``[Nv]``, True for surviving video tokens (aligned with ``video_index``)."""
-    scores = ops.video_scores(x, index.video_index, index.frame_offsets, index.pair_index)
+def _split_finite_check(x: torch.Tensor, backend: str) -> bool:
+    """Whether validation can be split: the C++ video kernel checks the video rows it reads anyway,
+    :func:`all_finite` (skipping them) the others, so the embeddings are read once, not twice."""
+    return (backend == "cpu" and x.device.type == "cpu" and x.dtype != torch.float64
+            and not torch.compiler.is_compiling() and ops.video.cpu_kernel_serves(x))
+
+
+def video_keep(x: torch.Tensor, index: IndexPlan, check_finite: bool = False) -> torch.Tensor:
+    """Stage 4: bool ``[Nv]``, True for surviving video tokens (aligned with ``video_index``).
+
+    ``check_finite`` (C++ CPU kernel only, see :func:`_split_finite_check`): raise a ValueError if a
+    video row holds NaN or Inf.
+    """
+    if check_finite:
+        scores = torch.ops.omnisift.video_scores_cpu(
+            x, index.video_index, index.frame_offsets, index.pair_index, check_finite=True)
+    else:
+        scores = ops.video_scores(x, index.video_index, index.frame_offsets, index.pair_index)
     return ~ops.segmented_topk_mask(scores, index.frame_offsets, index.frame_drop)
 
 
@@ -292,18 +307,28 @@ def fast_compress(
             input_ids, position_ids[0], valid, video_token_id=video_token_id, audio_token_id=audio_token_id,
             rho_video=rho_video, rho_audio=rho_audio, score_audio=selector is not None,
         )
+        # Validation reads every element once: split between the video kernel (video rows) and
+        # all_finite (the rest) when the C++ CPU kernel serves the call, all_finite alone otherwise.
+        split = validate and _split_finite_check(inputs_embeds, backend)
+        skip = plan.is_video.view(B, L) if split else None
         if grid is None:
-            finite = all_finite(inputs_embeds) if validate else None
+            finite = all_finite(inputs_embeds, skip_rows=skip) if validate else None
             sizes = read_sizes(plan, finite)
         else:
             if validate:
-                check_finite("omnisift_kernels.compress", inputs_embeds)
+                check_finite("omnisift_kernels.compress", inputs_embeds, skip_rows=skip)
             if len(grid) != B:
                 raise ValueError(f"omnisift_kernels.compress: grid must describe {B} rows, got {len(grid)}")
             sizes, _ = sizes_from_grid(grid, rho_video=rho_video, rho_audio=rho_audio,
                                        score_audio=selector is not None)
         index = index_plan(plan, sizes)
-        keep_v = video_keep(inputs_embeds, index)
+        try:
+            keep_v = video_keep(inputs_embeds, index, check_finite=split)
+        except ValueError as e:
+            if split and "NaN or Inf" in str(e):
+                raise ValueError("omnisift_kernels.compress: inputs_embeds holds NaN or Inf values; the keep "
+                                 "mask would be meaningless") from None
+            raise
         scores = None
         if selector is not None and sizes.num_audio_assigned and sizes.num_chunks:
             scores = audio_scores(inputs_embeds, selector, plan, sizes, index, keep_v)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 __all__ = [
     "TOLERANCES",
     "assert_close_scores",
+    "audio_near_tie_differences",
     "nan_poisoned",
     "random_layout",
     "reference_frame_saliency",
@@ -158,3 +159,82 @@ def reference_topk_mask(scores, seg_offsets, k) -> torch.Tensor:
         for r, i in enumerate(order):
             mask[i] = r < ks[s]
     return torch.tensor(mask, dtype=torch.bool)
+
+
+# ----------------------------------------------------------------------------------------------
+# Keep masks of low-precision selectors
+
+
+def audio_near_tie_differences(
+    keep_mask: torch.Tensor,
+    reference_keep_mask: torch.Tensor,
+    reference_scores: torch.Tensor,
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *,
+    video_token_id: int,
+    audio_token_id: int,
+    selector_dtype: torch.dtype,
+) -> int:
+    """How many audio tokens a keep mask selects differently from the reference, all near ties.
+
+    A bf16/fp16 selector rounds differently in every implementation (per-chunk vs batched matmuls),
+    so two correct implementations may swap audio tokens whose scores are within rounding of each
+    other. This accepts exactly that: outside the scored chunks' audio the masks must be equal; in
+    each chunk the same number of audio tokens must be kept, and the kept set must be a top-k of the
+    **reference's** scores up to the ``"score"`` tolerance of ``selector_dtype`` (every kept token
+    scores at least the best dropped one minus the tolerance).
+
+    Args:
+        keep_mask, reference_keep_mask: bool ``[B, L]``.
+        reference_scores: fp32 ``[B, L]`` the reference's ``audio_scores``.
+        input_ids, position_ids, attention_mask: the compressed batch (``[B, L]``, ``[3, B, L]``,
+            ``[B, L]`` or None).
+
+    Returns:
+        The number of tokens where the masks differ (0 when equal).
+
+    Raises:
+        AssertionError: a difference that is not a near tie (with where and by how much).
+    """
+    from .reference import plan_row
+
+    if keep_mask.shape != reference_keep_mask.shape:
+        raise AssertionError(f"keep mask shape {tuple(keep_mask.shape)} != {tuple(reference_keep_mask.shape)}")
+    keep, ref = keep_mask.cpu(), reference_keep_mask.cpu()
+    scores = reference_scores.detach().float().cpu()
+    diff = keep != ref
+    if not diff.any():
+        return 0
+    atol, rtol = tolerance(selector_dtype, "score")
+    B, L = keep.shape
+    valid = torch.ones(B, L, dtype=torch.bool) if attention_mask is None else attention_mask.bool().cpu()
+    in_chunk = torch.zeros(B, L, dtype=torch.bool)
+    for b in range(B):
+        plan = plan_row(input_ids[b].cpu(), position_ids[0, b].cpu(), valid[b], video_token_id, audio_token_id)
+        for c, chunk in enumerate(plan.chunks):
+            pos = chunk.audio
+            if pos.numel() == 0:
+                continue
+            in_chunk[b, pos] = True
+            if not diff[b, pos].any():
+                continue
+            k, k_ref = int(keep[b, pos].sum()), int(ref[b, pos].sum())
+            if k != k_ref:
+                raise AssertionError(f"row {b} chunk {c}: keeps {k} audio tokens, the reference {k_ref}")
+            s = scores[b, pos]
+            kept, dropped = s[keep[b, pos]], s[~keep[b, pos]]
+            if kept.numel() and dropped.numel():
+                worst_kept, best_dropped = float(kept.min()), float(dropped.max())
+                if worst_kept < best_dropped - (atol + rtol * abs(best_dropped)):
+                    raise AssertionError(
+                        f"row {b} chunk {c}: keeps an audio token scored {worst_kept:.6f} by the reference "
+                        f"and drops one scored {best_dropped:.6f}: beyond the {selector_dtype} score "
+                        f"tolerance (atol {atol}, rtol {rtol})")
+    outside = diff & ~in_chunk
+    if outside.any():
+        b, pos = (int(v) for v in outside.nonzero()[0])
+        raise AssertionError(f"keep mask differs from the reference outside the scored audio, e.g. row {b} "
+                             f"position {pos} ({int(outside.sum())} token(s))")
+    return int(diff.sum())

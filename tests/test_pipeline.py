@@ -206,6 +206,42 @@ def test_nan_embeddings_raise_in_the_single_read():
                  grid=batch.rows, validate=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("kind", ["video", "audio", "text", "padding"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_in_any_row_raises(dtype, kind, bad):
+    """Validation covers every element wherever it is checked (video rows by the C++ video kernel on
+    the CPU, the other rows by all_finite), with and without grid, on both CPU backends."""
+    batch = make_batch([clip_row(3, 2, 2), clip_row(2, 2, 2)], D, seed=5, dtype=dtype)
+    ids = batch.input_ids
+    target = {"video": ids == batch.video_token_id, "audio": ids == batch.audio_token_id,
+              "text": (ids != batch.video_token_id) & (ids != batch.audio_token_id) & batch.attention_mask.bool(),
+              "padding": ~batch.attention_mask.bool()}[kind]
+    if not target.any():
+        pytest.skip(f"no {kind} token in this layout")
+    b, pos = (int(v) for v in target.nonzero()[-1])
+    batch.inputs_embeds[b, pos, D - 1] = bad
+    kw = dict(batch.compress_kwargs(), rho_video=0.5, rho_audio=0.5, selector=SELECTOR)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        compress(**kw, backend="cpu")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        compress(**kw, backend="cpu", grid=batch.rows, validate=True)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        compress(**kw, backend="reference")
+
+
+def test_huge_finite_embeddings_pass_validation():
+    """Squared norms overflow to Inf for |x| ~ 1e20 in fp32: the video kernel then checks the row
+    element by element instead of reporting a false NaN/Inf."""
+    batch = make_batch([clip_row(2, 2, 2)], D, seed=6)
+    video = batch.input_ids[0] == batch.video_token_id
+    pos = int(video.nonzero()[0])
+    batch.inputs_embeds[0, pos] = 1e30
+    kw = dict(batch.compress_kwargs(), rho_video=0.5, rho_audio=0.5, selector=SELECTOR)
+    res = compress(**kw, backend="cpu", validate=True)
+    assert res.keep_mask.shape == batch.input_ids.shape
+
+
 def test_compile_fullgraph_with_grid():
     batch = make_batch([clip_row(4, 2, 3), clip_row(3, 2, 3)], D, seed=4)
     module = OmniSIFTCompressor(D, num_heads=4, hidden_dim=16, backend="cpu")

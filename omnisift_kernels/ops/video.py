@@ -167,7 +167,7 @@ def video_scores_torch(x, token_index, seg_offsets, pair_index):
     return _cosine_rows(rows, other)
 
 
-def _cpu_kernel(x: torch.Tensor) -> bool:
+def cpu_kernel_serves(x: torch.Tensor) -> bool:
     """Whether the extension's C++ CPU kernel ``omnisift::video_scores_cpu`` serves ``x``."""
     return x.device.type == "cpu" and not FORCE_TORCH_PATH and ext_has_kernel("video_scores_cpu", "CPU")
 
@@ -179,7 +179,7 @@ FORCE_TORCH_PATH = False
 def video_scores_cpu(x, token_index, seg_offsets, pair_index):
     """CPU path of the three video ops: the C++ kernel (rows read in place, no ``[N, D]``
     temporaries) when the extension is built, else the vectorized torch path."""
-    if _cpu_kernel(x):
+    if cpu_kernel_serves(x):
         return torch.ops.omnisift.video_scores_cpu(x, token_index, seg_offsets, pair_index)
     return video_scores_torch(x, token_index, seg_offsets, pair_index)
 
@@ -193,7 +193,7 @@ def _frame_saliency_op(x: torch.Tensor, token_index: torch.Tensor,
                        seg_offsets: torch.Tensor) -> torch.Tensor:
     if use_triton(x):
         return frame_saliency_triton(x, token_index, seg_offsets)
-    if _cpu_kernel(x):
+    if cpu_kernel_serves(x):
         return video_scores_cpu(x, token_index, seg_offsets, torch.full_like(token_index, -1))
     return frame_saliency_torch(x, token_index, seg_offsets)
 
@@ -208,7 +208,7 @@ def _frame_pair_similarity_op(x: torch.Tensor, first_index: torch.Tensor,
                               second_index: torch.Tensor) -> torch.Tensor:
     if use_triton(x):
         return frame_pair_similarity_triton(x, first_index, second_index)
-    if _cpu_kernel(x):
+    if cpu_kernel_serves(x):
         offsets = torch.tensor([0, second_index.shape[0]], dtype=torch.int64)
         return video_scores_cpu(x, second_index, offsets, first_index)
     return frame_pair_similarity_torch(x, first_index, second_index)
