@@ -168,16 +168,25 @@ def audio_scores(
     audio_chunk = index.audio_chunk[:n_assigned]
     audio_rank = torch.arange(n_assigned, device=dev) - index.audio_offsets[audio_chunk]
     a = selector.a_norm(selector.a_proj(_rows(x, audio_flat).to(dtype)))
-    v_blocks = v.new_zeros(C, max(sizes.max_chunk_video, 1), H).index_put((video_chunk, video_rank), v)
-    padding = torch.ones(C, v_blocks.shape[1], dtype=torch.bool, device=dev)
-    padding = padding.index_put((video_chunk, video_rank), torch.zeros_like(video_chunk, dtype=torch.bool))
-    # Chunks without surviving video cannot occur (every frame keeps >= 1 token); keep one key open
-    # anyway so that no attention row is fully masked.
-    padding[:, 0] = padding[:, 0] & (plan.chunk_video_kept[:C] > 0)
-    a_blocks = a.new_zeros(C, max(sizes.max_chunk_audio, 1), H).index_put((audio_chunk, audio_rank), a)
+    # Equal-sized chunks (known on the host: count == chunks x largest) are views of the projected
+    # rows, which are grouped by chunk in chunk order; otherwise right-padded blocks and a key mask.
+    if sizes.max_chunk_video >= 1 and sizes.num_video_kept == C * sizes.max_chunk_video:
+        v_blocks, padding = v.view(C, sizes.max_chunk_video, H), None
+    else:
+        v_blocks = v.new_zeros(C, max(sizes.max_chunk_video, 1), H).index_put((video_chunk, video_rank), v)
+        padding = torch.ones(C, v_blocks.shape[1], dtype=torch.bool, device=dev)
+        padding = padding.index_put((video_chunk, video_rank), torch.zeros_like(video_chunk, dtype=torch.bool))
+        # Chunks without surviving video cannot occur (every frame keeps >= 1 token); keep one key
+        # open anyway so that no attention row is fully masked.
+        padding[:, 0] = padding[:, 0] & (plan.chunk_video_kept[:C] > 0)
+    uniform_audio = sizes.max_chunk_audio >= 1 and n_assigned == C * sizes.max_chunk_audio
+    if uniform_audio:
+        a_blocks = a.view(C, sizes.max_chunk_audio, H)
+    else:
+        a_blocks = a.new_zeros(C, max(sizes.max_chunk_audio, 1), H).index_put((audio_chunk, audio_rank), a)
     attended = selector.attend(a_blocks, v_blocks, padding)
     block_scores = selector._head(attended, a_blocks)
-    return block_scores[audio_chunk, audio_rank]
+    return block_scores.reshape(-1) if uniform_audio else block_scores[audio_chunk, audio_rank]
 
 
 def audio_keep(index: IndexPlan, sizes: PlanSizes, scores: torch.Tensor | None) -> torch.Tensor:

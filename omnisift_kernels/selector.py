@@ -127,11 +127,12 @@ class VisionGuidedAudioSelector(nn.Module):
         a = self.a_norm(self.a_proj(audio.to(dtype)))
         return self._head(self.attend(a, v, video_padding_mask), a)
 
-    def attend(self, a: torch.Tensor, v: torch.Tensor, video_padding_mask: torch.Tensor) -> torch.Tensor:
+    def attend(self, a: torch.Tensor, v: torch.Tensor, video_padding_mask: torch.Tensor | None) -> torch.Tensor:
         """The cross attention of projected, normalised ``a [C, La, H]`` to ``v [C, Lv, H]``.
 
         Computed with ``scaled_dot_product_attention`` (the fast kernels) from ``cross_attn``'s packed
-        weights; identical in math to ``nn.MultiheadAttention`` with a key padding mask.
+        weights; identical in math to ``nn.MultiheadAttention`` with a key padding mask
+        (``video_padding_mask`` bool ``[C, Lv]``, True at padding; None: no padding).
         """
         H, nh = self.hidden_dim, self.num_heads
         w_q, w_k, w_v = self.cross_attn.in_proj_weight.chunk(3)
@@ -143,8 +144,10 @@ class VisionGuidedAudioSelector(nn.Module):
         val = F.linear(v, w_v, b_v).view(C, Lv, nh, H // nh).transpose(1, 2)
         # Additive mask rather than bool: SDPA's math path treats both alike, this one is accepted by
         # every backend. -inf on padding only; every chunk has >= 1 real key, so no row is all -inf.
-        bias = torch.zeros(C, 1, 1, Lv, dtype=q.dtype, device=q.device)
-        bias = bias.masked_fill(video_padding_mask[:, None, None, :], float("-inf"))
+        bias = None
+        if video_padding_mask is not None:
+            bias = torch.zeros(C, 1, 1, Lv, dtype=q.dtype, device=q.device)
+            bias = bias.masked_fill(video_padding_mask[:, None, None, :], float("-inf"))
         o = F.scaled_dot_product_attention(q, k, val, attn_mask=bias)
         o = o.transpose(1, 2).reshape(C, La, H)
         return self.cross_attn.out_proj(o)

@@ -113,6 +113,28 @@ def test_ragged_batch_matches_reference(preset):
         assert_same_result(ref, fast_grid)
 
 
+@pytest.mark.parametrize("rows, equal_chunks", [([(4, 3, 4)], True), ([(4, 3, 4), (4, 3, 4)], True),
+                                                 ([(4, 3, 4), (3, 3, 4)], False)])
+def test_equal_and_unequal_chunks_match_reference(rows, equal_chunks):
+    """Chunks of equal size take the selector's view path (no padded blocks, no key mask), others the
+    padded one; both equal the reference, and the layouts really exercise the branch they name."""
+    from omnisift_kernels.plan import build_plan, read_sizes
+
+    batch = make_batch([clip_row(*r) for r in rows], D, seed=7)
+    p = PRESETS["paper-35"]
+    plan = build_plan(batch.input_ids, batch.position_ids[0], batch.attention_mask.bool(),
+                      video_token_id=batch.video_token_id, audio_token_id=batch.audio_token_id,
+                      rho_video=p.rho_video, rho_audio=p.rho_audio, score_audio=True)
+    sizes = read_sizes(plan)
+    C = sizes.num_chunks
+    uniform_video = sizes.num_video_kept == C * sizes.max_chunk_video
+    uniform_audio = sizes.num_audio_assigned == C * sizes.max_chunk_audio
+    assert (uniform_video and uniform_audio) == equal_chunks
+    ref, fast = run_both(batch, SELECTOR, p.rho_video, p.rho_audio, output="packed")
+    assert_same_result(ref, fast)
+    torch.testing.assert_close(fast.audio_scores, ref.audio_scores, atol=1e-5, rtol=1e-5)
+
+
 def test_retention_of_paper_presets_on_omni7b_20s_layout():
     batch = make_batch([clip_row(20, 13, 23)], 8, seed=0)
     sel = VisionGuidedAudioSelector(8, num_heads=2, hidden_dim=8)
