@@ -35,12 +35,12 @@ struct VideoScoresProblem {
   float* out;                  // [N]
 };
 
-// Per-thread scratch: sum [D], row_a and row_b [D] (strided rows), acc [4 * max_segment].
+// Per-thread scratch: sum [D] and acc [4 * max_segment] (fp64), row_a and row_b [D] (fp32, strided rows).
 struct VideoScoresScratch {
-  float* sum;
+  double* sum;
   float* row_a;
   float* row_b;
-  float* acc;
+  double* acc;
 };
 
 struct Loops {

@@ -36,6 +36,19 @@ struct VecAvx2 {
     s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
     return _mm_cvtss_f32(s);
   }
+  using dreg = __m256d;
+  static dreg dzero() { return _mm256_setzero_pd(); }
+  static dreg lo(reg a) { return _mm256_cvtps_pd(_mm256_castps256_ps128(a)); }
+  static dreg hi(reg a) { return _mm256_cvtps_pd(_mm256_extractf128_ps(a, 1)); }
+  static dreg dload(const double* p) { return _mm256_loadu_pd(p); }
+  static void dstore(double* p, dreg a) { _mm256_storeu_pd(p, a); }
+  static dreg dfma(dreg a, dreg b, dreg c) { return _mm256_fmadd_pd(a, b, c); }
+  static dreg dadd(dreg a, dreg b) { return _mm256_add_pd(a, b); }
+  static double dhsum(dreg v) {
+    __m128d s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
+    s = _mm_add_sd(s, _mm_unpackhi_pd(s, s));
+    return _mm_cvtsd_f64(s);
+  }
 };
 
 const Loops kLoops = {"avx2", &video_units<VecAvx2>, &all_finite_impl, &all_finite_strided_impl};

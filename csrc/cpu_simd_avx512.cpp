@@ -31,6 +31,17 @@ struct VecAvx512 {
   static reg fma(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
   static reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
   static float hsum(reg v) { return _mm512_reduce_add_ps(v); }
+  using dreg = __m512d;
+  static dreg dzero() { return _mm512_setzero_pd(); }
+  static dreg lo(reg a) { return _mm512_cvtps_pd(_mm512_castps512_ps256(a)); }
+  static dreg hi(reg a) {
+    return _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
+  }
+  static dreg dload(const double* p) { return _mm512_loadu_pd(p); }
+  static void dstore(double* p, dreg a) { _mm512_storeu_pd(p, a); }
+  static dreg dfma(dreg a, dreg b, dreg c) { return _mm512_fmadd_pd(a, b, c); }
+  static dreg dadd(dreg a, dreg b) { return _mm512_add_pd(a, b); }
+  static double dhsum(dreg v) { return _mm512_reduce_add_pd(v); }
 };
 
 const Loops kLoops = {"avx512", &video_units<VecAvx512>, &all_finite_impl, &all_finite_strided_impl};

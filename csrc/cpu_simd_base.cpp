@@ -39,6 +39,46 @@ struct VecBase {
     for (int j = 0; j < W; ++j) s += a.v[j];
     return s;
   }
+  // fp64 halves of a reg.
+  struct dreg {
+    double v[W / 2];
+  };
+  static dreg dzero() {
+    dreg r;
+    for (int j = 0; j < W / 2; ++j) r.v[j] = 0.0;
+    return r;
+  }
+  static dreg lo(reg a) {
+    dreg r;
+    for (int j = 0; j < W / 2; ++j) r.v[j] = a.v[j];
+    return r;
+  }
+  static dreg hi(reg a) {
+    dreg r;
+    for (int j = 0; j < W / 2; ++j) r.v[j] = a.v[W / 2 + j];
+    return r;
+  }
+  static dreg dload(const double* p) {
+    dreg r;
+    for (int j = 0; j < W / 2; ++j) r.v[j] = p[j];
+    return r;
+  }
+  static void dstore(double* p, dreg a) {
+    for (int j = 0; j < W / 2; ++j) p[j] = a.v[j];
+  }
+  static dreg dfma(dreg a, dreg b, dreg c) {
+    for (int j = 0; j < W / 2; ++j) c.v[j] += a.v[j] * b.v[j];
+    return c;
+  }
+  static dreg dadd(dreg a, dreg b) {
+    for (int j = 0; j < W / 2; ++j) a.v[j] += b.v[j];
+    return a;
+  }
+  static double dhsum(dreg a) {
+    double s = 0.0;
+    for (int j = 0; j < W / 2; ++j) s += a.v[j];
+    return s;
+  }
 };
 
 const Loops kLoops = {"base", &video_units<VecBase>, &all_finite_impl, &all_finite_strided_impl};

@@ -4,8 +4,9 @@
 // linker for another TU (an AVX-512 copy of std::fill serving the portable build, say).
 //
 // Each TU is compiled with its own -m flags (CMakeLists.txt), so no target attributes are needed.
-// A policy provides: W (fp32 lanes), reg, zero(), load<E>(ptr) (W elements of type E as fp32),
-// loadf/storef (fp32), fma(a, b, c) = a*b + c, add(a, b), hsum(reg).
+// A policy provides: W (fp32 lanes), reg, load<E>(ptr) (W elements of type E as fp32), and the fp64
+// half-width registers: dreg, lo(reg)/hi(reg) (the low/high W/2 lanes widened), dzero(),
+// dload/dstore, dfma(a, b, c) = a*b + c, dadd(a, b), dhsum(dreg).
 #pragma once
 
 #include <math.h>
@@ -72,115 +73,111 @@ inline float to_f32(const typename ElemType<E>::type v) {
 }
 
 // ------------------------------------------------------------------------------------------------
-// Row primitives. a, b: rows of element type E (contiguous); S, m: fp32 rows. Every sum runs in
-// 2*W lanes (two registers per quantity), then W, then a scalar tail; lanes are added at the end.
+// Row primitives. a, b: rows of element type E (contiguous); S, m: fp64 rows. Elements are widened to
+// fp64 and every sum (the segment's sum, dots, squared norms) is accumulated in fp64 lanes, then the
+// lanes are added: the cosines come out within an ulp or so of the exact value, so near ties are
+// ranked as the exact scores rank them (an fp32 running sum over a frame's ~300 rows was off by
+// several ulps, enough to swap two tokens 4e-8 apart that the fp32 reference ranked correctly).
+// The loops stay memory-bound: widening costs compute the memory stream leaves idle.
 
 // S += a, and the sums <a, b>, |a|^2, |b|^2 (HasB) or |a|^2 (no b) into r[0..2].
 template <class V, Elem E, bool HasB>
-inline void pass1(const typename ElemType<E>::type* a, const typename ElemType<E>::type* b,
-                                       float* S, int64_t D, float* r) {
-  using reg = typename V::reg;
-  constexpr int W = V::W;
-  reg d0 = V::zero(), d1 = V::zero(), a0 = V::zero(), a1 = V::zero(), b0 = V::zero(), b1 = V::zero();
+inline void pass1(const typename ElemType<E>::type* a, const typename ElemType<E>::type* b, double* S, int64_t D,
+                  double* r, const void* next_a, const void* next_b) {
+  using dreg = typename V::dreg;
+  constexpr int W = V::W, H = V::W / 2;
+  dreg d0 = V::dzero(), d1 = V::dzero(), a0 = V::dzero(), a1 = V::dzero(), b0 = V::dzero(), b1 = V::dzero();
   int64_t d = 0;
-  for (; d + 2 * W <= D; d += 2 * W) {
-    const reg x0 = V::template load<E>(a + d), x1 = V::template load<E>(a + d + W);
-    V::storef(S + d, V::add(V::loadf(S + d), x0));
-    V::storef(S + d + W, V::add(V::loadf(S + d + W), x1));
-    a0 = V::fma(x0, x0, a0);
-    a1 = V::fma(x1, x1, a1);
-    if constexpr (HasB) {
-      const reg y0 = V::template load<E>(b + d), y1 = V::template load<E>(b + d + W);
-      d0 = V::fma(x0, y0, d0);
-      d1 = V::fma(x1, y1, d1);
-      b0 = V::fma(y0, y0, b0);
-      b1 = V::fma(y1, y1, b1);
-    }
-  }
+  const char* pa = static_cast<const char*>(next_a);
+  const char* pb = static_cast<const char*>(next_b);
+  constexpr int64_t kStep = W * static_cast<int64_t>(sizeof(typename ElemType<E>::type));
   for (; d + W <= D; d += W) {
-    const reg x0 = V::template load<E>(a + d);
-    V::storef(S + d, V::add(V::loadf(S + d), x0));
-    a0 = V::fma(x0, x0, a0);
+    // The next rows, one cache line per step ahead of their use (the rows are too short a stream
+    // for the hardware prefetcher to ramp up on its own).
+    if (pa) __builtin_prefetch(pa + d / W * kStep);
+    if (HasB && pb) __builtin_prefetch(pb + d / W * kStep);
+    const auto x = V::template load<E>(a + d);
+    const dreg xl = V::lo(x), xh = V::hi(x);
+    V::dstore(S + d, V::dadd(V::dload(S + d), xl));
+    V::dstore(S + d + H, V::dadd(V::dload(S + d + H), xh));
+    a0 = V::dfma(xl, xl, a0);
+    a1 = V::dfma(xh, xh, a1);
     if constexpr (HasB) {
-      const reg y0 = V::template load<E>(b + d);
-      d0 = V::fma(x0, y0, d0);
-      b0 = V::fma(y0, y0, b0);
+      const auto y = V::template load<E>(b + d);
+      const dreg yl = V::lo(y), yh = V::hi(y);
+      d0 = V::dfma(xl, yl, d0);
+      d1 = V::dfma(xh, yh, d1);
+      b0 = V::dfma(yl, yl, b0);
+      b1 = V::dfma(yh, yh, b1);
     }
   }
-  float dot = 0.f, na2 = 0.f, nb2 = 0.f;
+  double dot = 0, na2 = 0, nb2 = 0;
   for (; d < D; ++d) {
-    const float x = to_f32<E>(a[d]);
+    const double x = to_f32<E>(a[d]);
     S[d] += x;
     na2 += x * x;
     if constexpr (HasB) {
-      const float y = to_f32<E>(b[d]);
+      const double y = to_f32<E>(b[d]);
       dot += x * y;
       nb2 += y * y;
     }
   }
-  r[0] = dot + V::hsum(V::add(d0, d1));
-  r[1] = na2 + V::hsum(V::add(a0, a1));
-  r[2] = nb2 + V::hsum(V::add(b0, b1));
+  r[0] = dot + V::dhsum(V::dadd(d0, d1));
+  r[1] = na2 + V::dhsum(V::dadd(a0, a1));
+  r[2] = nb2 + V::dhsum(V::dadd(b0, b1));
 }
 
-// <a, m> with m fp32.
+// <a, m> with m fp64.
 template <class V, Elem E>
-inline float dot_f32(const typename ElemType<E>::type* a, const float* m, int64_t D) {
-  using reg = typename V::reg;
-  constexpr int W = V::W;
-  reg d0 = V::zero(), d1 = V::zero();
+inline double dot_f64(const typename ElemType<E>::type* a, const double* m, int64_t D) {
+  using dreg = typename V::dreg;
+  constexpr int W = V::W, H = V::W / 2;
+  dreg d0 = V::dzero(), d1 = V::dzero();
   int64_t d = 0;
-  for (; d + 2 * W <= D; d += 2 * W) {
-    d0 = V::fma(V::template load<E>(a + d), V::loadf(m + d), d0);
-    d1 = V::fma(V::template load<E>(a + d + W), V::loadf(m + d + W), d1);
+  for (; d + W <= D; d += W) {
+    const auto x = V::template load<E>(a + d);
+    d0 = V::dfma(V::lo(x), V::dload(m + d), d0);
+    d1 = V::dfma(V::hi(x), V::dload(m + d + H), d1);
   }
-  for (; d + W <= D; d += W) d0 = V::fma(V::template load<E>(a + d), V::loadf(m + d), d0);
-  float dot = 0.f;
-  for (; d < D; ++d) dot += to_f32<E>(a[d]) * m[d];
-  return dot + V::hsum(V::add(d0, d1));
+  double dot = 0;
+  for (; d < D; ++d) dot += static_cast<double>(to_f32<E>(a[d])) * m[d];
+  return dot + V::dhsum(V::dadd(d0, d1));
 }
 
 // <a, b>, |a|^2, |b|^2 into r[0..2].
 template <class V, Elem E>
-inline void dot3(const typename ElemType<E>::type* a, const typename ElemType<E>::type* b,
-                                      int64_t D, float* r) {
-  using reg = typename V::reg;
+inline void dot3(const typename ElemType<E>::type* a, const typename ElemType<E>::type* b, int64_t D, double* r) {
+  using dreg = typename V::dreg;
   constexpr int W = V::W;
-  reg d0 = V::zero(), d1 = V::zero(), a0 = V::zero(), a1 = V::zero(), b0 = V::zero(), b1 = V::zero();
+  dreg d0 = V::dzero(), d1 = V::dzero(), a0 = V::dzero(), a1 = V::dzero(), b0 = V::dzero(), b1 = V::dzero();
   int64_t d = 0;
-  for (; d + 2 * W <= D; d += 2 * W) {
-    const reg x0 = V::template load<E>(a + d), x1 = V::template load<E>(a + d + W);
-    const reg y0 = V::template load<E>(b + d), y1 = V::template load<E>(b + d + W);
-    d0 = V::fma(x0, y0, d0);
-    d1 = V::fma(x1, y1, d1);
-    a0 = V::fma(x0, x0, a0);
-    a1 = V::fma(x1, x1, a1);
-    b0 = V::fma(y0, y0, b0);
-    b1 = V::fma(y1, y1, b1);
-  }
   for (; d + W <= D; d += W) {
-    const reg x0 = V::template load<E>(a + d), y0 = V::template load<E>(b + d);
-    d0 = V::fma(x0, y0, d0);
-    a0 = V::fma(x0, x0, a0);
-    b0 = V::fma(y0, y0, b0);
+    const auto x = V::template load<E>(a + d), y = V::template load<E>(b + d);
+    const dreg xl = V::lo(x), xh = V::hi(x), yl = V::lo(y), yh = V::hi(y);
+    d0 = V::dfma(xl, yl, d0);
+    d1 = V::dfma(xh, yh, d1);
+    a0 = V::dfma(xl, xl, a0);
+    a1 = V::dfma(xh, xh, a1);
+    b0 = V::dfma(yl, yl, b0);
+    b1 = V::dfma(yh, yh, b1);
   }
-  float dot = 0.f, na2 = 0.f, nb2 = 0.f;
+  double dot = 0, na2 = 0, nb2 = 0;
   for (; d < D; ++d) {
-    const float x = to_f32<E>(a[d]), y = to_f32<E>(b[d]);
+    const double x = to_f32<E>(a[d]), y = to_f32<E>(b[d]);
     dot += x * y;
     na2 += x * x;
     nb2 += y * y;
   }
-  r[0] = dot + V::hsum(V::add(d0, d1));
-  r[1] = na2 + V::hsum(V::add(a0, a1));
-  r[2] = nb2 + V::hsum(V::add(b0, b1));
+  r[0] = dot + V::dhsum(V::dadd(d0, d1));
+  r[1] = na2 + V::dhsum(V::dadd(a0, a1));
+  r[2] = nb2 + V::dhsum(V::dadd(b0, b1));
 }
 
-// cos = dot / (max(|a|, eps) * max(|b|, eps)), as F.cosine_similarity (eps = 1e-8).
-inline float cosine(float dot, float na2, float nb2) {
-  constexpr float eps = 1e-8f;
-  const float na = sqrtf(na2), nb = sqrtf(nb2);
-  return dot / ((na > eps ? na : eps) * (nb > eps ? nb : eps));
+// cos = dot / (max(|a|, eps) * max(|b|, eps)), as F.cosine_similarity (eps = 1e-8), in fp64.
+inline float cosine(double dot, double na2, double nb2) {
+  constexpr double eps = 1e-8;
+  const double na = sqrt(na2), nb = sqrt(nb2);
+  return static_cast<float>(dot / ((na > eps ? na : eps) * (nb > eps ? nb : eps)));
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -245,6 +242,10 @@ void video_units_impl(const VideoScoresProblem& p, int64_t u0, int64_t u1, Video
   using RT = typename ElemType<RE>::type;
   const T* x = static_cast<const T*>(p.x);
   const int64_t L = p.L, D = p.D;
+  auto raw_row = [&](int64_t t) -> const void* {
+    const int64_t b = t / L;
+    return x + b * p.stride_b + (t - b * L) * p.stride_l;
+  };
   // The row of flat token t (converted into buf when strided).
   auto row = [&](int64_t t, float* buf) -> const RT* {
     const int64_t b = t / L;
@@ -259,13 +260,13 @@ void video_units_impl(const VideoScoresProblem& p, int64_t u0, int64_t u1, Video
   };
   const int64_t* tok = p.token_index;
   const int64_t* pair = p.pair_index;
-  float* dot_am = s.acc;                        // <a_i, mean>
-  float* norm_a = s.acc + p.max_segment;        // |a_i|^2
-  float* dot_ab = s.acc + 2 * p.max_segment;    // <a_i, b_i> (fused)
-  float* norm_b = s.acc + 3 * p.max_segment;    // |b_i|^2 (fused)
+  double* dot_am = s.acc;                       // <a_i, mean>
+  double* norm_a = s.acc + p.max_segment;       // |a_i|^2
+  double* dot_ab = s.acc + 2 * p.max_segment;   // <a_i, b_i> (fused)
+  double* norm_b = s.acc + 3 * p.max_segment;   // |b_i|^2 (fused)
   // Every token's own squared norm is computed below; NaN/Inf in a row makes it non-finite (and so
   // may a finite row with huge values: only then are the row's elements checked one by one).
-  auto flag_if_nonfinite = [&](int64_t t, float norm2) {
+  auto flag_if_nonfinite = [&](int64_t t, double norm2) {
     if (!p.check_finite || __builtin_isfinite(norm2)) return;
     const int64_t b = t / L;
     if (!all_finite_strided_impl(x + b * p.stride_b + (t - b * L) * p.stride_l, E, D, p.stride_d)) {
@@ -280,31 +281,33 @@ void video_units_impl(const VideoScoresProblem& p, int64_t u0, int64_t u1, Video
     const int64_t b0 = fused ? p.seg_offsets[seg + 1] : 0;
     bool needs_mean = fused;
     for (int64_t i = 0; i < n && !needs_mean; ++i) needs_mean = pair[a0 + i] < 0;
-    float r[3];
+    double r[3];
     if (needs_mean) {
-      const float inv = 1.f / static_cast<float>(n);
-      float* S = s.sum;
-      for (int64_t d = 0; d < D; ++d) S[d] = 0.f;
+      const double inv = 1.0 / static_cast<double>(n);
+      double* S = s.sum;
+      for (int64_t d = 0; d < D; ++d) S[d] = 0.0;
       // Pass 1: the sum and norms of A, a fused B's temporal dots (A and B read from memory).
       for (int64_t i = 0; i < n; ++i) {
         const RT* ra = row(tok[a0 + i], s.row_a);
+        const void* next_a = !Strided && i + 1 < n ? raw_row(tok[a0 + i + 1]) : nullptr;
+        const void* next_b = !Strided && fused && i + 1 < n ? raw_row(tok[b0 + i + 1]) : nullptr;
         if (fused) {
-          pass1<V, RE, true>(ra, row(tok[b0 + i], s.row_b), S, D, r);
+          pass1<V, RE, true>(ra, row(tok[b0 + i], s.row_b), S, D, r, next_a, next_b);
           dot_ab[i] = r[0];
           norm_b[i] = r[2];
         } else {
-          pass1<V, RE, false>(ra, nullptr, S, D, r);
+          pass1<V, RE, false>(ra, nullptr, S, D, r, next_a, nullptr);
         }
         norm_a[i] = r[1];
       }
-      float mm = 0.f;
+      double mm = 0.0;
       for (int64_t d = 0; d < D; ++d) {
         S[d] *= inv;  // the mean
         mm += S[d] * S[d];
       }
       // Pass 2: <a_i, mean> (A again, mostly from the cache).
       for (int64_t i = 0; i < n; ++i) {
-        if (pair[a0 + i] < 0) dot_am[i] = dot_f32<V, RE>(row(tok[a0 + i], s.row_a), S, D);
+        if (pair[a0 + i] < 0) dot_am[i] = dot_f64<V, RE>(row(tok[a0 + i], s.row_a), S, D);
       }
       for (int64_t i = 0; i < n; ++i) {
         if (pair[a0 + i] < 0) {

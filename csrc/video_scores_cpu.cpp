@@ -7,9 +7,10 @@
 // For position p of segment s (CSR: token_index[seg_offsets[s] : seg_offsets[s+1]]):
 //   pair_index[p] <  0: cos(x[token_index[p]], mean of segment s)      (spatial saliency)
 //   pair_index[p] >= 0: cos(x[token_index[p]], x[pair_index[p]])         (temporal similarity)
-// with cos(a, b) = <a, b> / (max(|a|, eps) * max(|b|, eps)), eps = 1e-8, accumulated in fp32 (fp64 for
-// fp64 inputs). Tokens are flat indices b*L + l; x is read in place through its strides (no gathered
-// copy of the rows: on the CPU writing [N, D] temporaries costs more than the arithmetic).
+// with cos(a, b) = <a, b> / (max(|a|, eps) * max(|b|, eps)), eps = 1e-8, every sum accumulated in fp64
+// and the cosine rounded to fp32 (as the reference computes it, so near ties rank alike). Tokens are
+// flat indices b*L + l; x is read in place through its strides (no gathered copy of the rows: on the
+// CPU writing [N, D] temporaries costs more than the arithmetic).
 //
 // Schedule (fp32/bf16/fp16): units of work, in parallel. A segment whose successor has its size, only
 // paired tokens, and pairs token i with the segment's token i (a chunk's second frame, as the pipeline
@@ -109,8 +110,9 @@ void video_scores_units(const at::Tensor& x, const at::Tensor& token_index, cons
   const simd::Loops& loops = cpu_loops();
   const int64_t U = static_cast<int64_t>(unit_seg.size());
   at::parallel_for(0, U, 1, [&](int64_t u0, int64_t u1) {
-    std::vector<float> buf(static_cast<size_t>(3 * D + 4 * max_seg));
-    simd::VideoScoresScratch scratch{buf.data(), buf.data() + D, buf.data() + 2 * D, buf.data() + 3 * D};
+    std::vector<double> acc(static_cast<size_t>(D + 4 * max_seg));
+    std::vector<float> rows(static_cast<size_t>(2 * D));
+    simd::VideoScoresScratch scratch{acc.data(), rows.data(), rows.data() + D, acc.data() + D};
     loops.video_scores_units(prob, u0, u1, scratch);
   });
   TORCH_CHECK_VALUE(nonfinite < 0, "video_scores_cpu: x holds NaN or Inf values (the row of flat token ", nonfinite,

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 __all__ = [
     "TOLERANCES",
     "assert_close_scores",
-    "audio_near_tie_differences",
+    "near_tie_differences",
     "nan_poisoned",
     "random_layout",
     "reference_frame_saliency",
@@ -162,13 +162,30 @@ def reference_topk_mask(scores, seg_offsets, k) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# Keep masks of low-precision selectors
+# Keep masks that may differ at near ties
 
 
-def audio_near_tie_differences(
+def _check_cut(where: str, chosen: torch.Tensor, ref_chosen: torch.Tensor, scores: torch.Tensor,
+               atol: float, rtol: float) -> None:
+    """Same count as the reference, and the ``chosen`` set (dropped video, kept audio) the highest of
+    the reference's ``scores`` up to the tolerance."""
+    k, k_ref = int(chosen.sum()), int(ref_chosen.sum())
+    if k != k_ref:
+        raise AssertionError(f"{where}: keeps a different number of tokens than the reference ({k} vs {k_ref} chosen)")
+    hi, lo = scores[chosen], scores[~chosen]
+    if hi.numel() and lo.numel():
+        worst, best = float(hi.min()), float(lo.max())
+        if worst < best - (atol + rtol * abs(best)):
+            raise AssertionError(
+                f"{where}: chooses a token scored {worst:.8f} by the reference over one scored {best:.8f}: "
+                f"beyond the tolerance (atol {atol}, rtol {rtol})")
+
+
+def near_tie_differences(
     keep_mask: torch.Tensor,
     reference_keep_mask: torch.Tensor,
-    reference_scores: torch.Tensor,
+    reference_scores: torch.Tensor | None,
+    inputs_embeds: torch.Tensor,
     input_ids: torch.Tensor,
     position_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
@@ -177,20 +194,22 @@ def audio_near_tie_differences(
     audio_token_id: int,
     selector_dtype: torch.dtype,
 ) -> int:
-    """How many audio tokens a keep mask selects differently from the reference, all near ties.
+    """How many tokens a keep mask selects differently from the reference, all near ties.
 
-    A bf16/fp16 selector rounds differently in every implementation (per-chunk vs batched matmuls),
-    so two correct implementations may swap audio tokens whose scores are within rounding of each
-    other. This accepts exactly that: outside the scored chunks' audio the masks must be equal; in
-    each chunk the same number of audio tokens must be kept, and the kept set must be a top-k of the
-    **reference's** scores up to the ``"score"`` tolerance of ``selector_dtype`` (every kept token
-    scores at least the best dropped one minus the tolerance).
+    Two correct implementations can rank tokens whose scores are within rounding of each other
+    differently: the release-style loop computes the video cosines in fp32 (the reference and the
+    kernels in fp64, rounded to fp32), and a bf16/fp16 selector rounds differently in every
+    implementation. This accepts exactly that and nothing else. Per frame: the same number of video
+    tokens dropped, and the dropped set the highest reference cosines up to the ``"similarity"``
+    tolerance of the embeddings' dtype; per scored chunk: the same number of audio tokens kept, the
+    kept set the highest reference selector scores up to the ``"score"`` tolerance of
+    ``selector_dtype``; every other token equal.
 
     Args:
         keep_mask, reference_keep_mask: bool ``[B, L]``.
-        reference_scores: fp32 ``[B, L]`` the reference's ``audio_scores``.
-        input_ids, position_ids, attention_mask: the compressed batch (``[B, L]``, ``[3, B, L]``,
-            ``[B, L]`` or None).
+        reference_scores: fp32 ``[B, L]`` the reference's ``audio_scores`` (None without a selector).
+        inputs_embeds, input_ids, position_ids, attention_mask: the compressed batch.
+        selector_dtype: the selector's parameter dtype (its score tolerance applies to audio).
 
     Returns:
         The number of tokens where the masks differ (0 when equal).
@@ -198,43 +217,45 @@ def audio_near_tie_differences(
     Raises:
         AssertionError: a difference that is not a near tie (with where and by how much).
     """
-    from .reference import plan_row
+    from .reference import plan_row, spatial_scores, temporal_scores
 
     if keep_mask.shape != reference_keep_mask.shape:
         raise AssertionError(f"keep mask shape {tuple(keep_mask.shape)} != {tuple(reference_keep_mask.shape)}")
     keep, ref = keep_mask.cpu(), reference_keep_mask.cpu()
-    scores = reference_scores.detach().float().cpu()
     diff = keep != ref
     if not diff.any():
         return 0
-    atol, rtol = tolerance(selector_dtype, "score")
+    v_atol, v_rtol = tolerance(inputs_embeds.dtype, "similarity")
+    a_atol, a_rtol = tolerance(selector_dtype, "score")
+    scores = None if reference_scores is None else reference_scores.detach().float().cpu()
     B, L = keep.shape
     valid = torch.ones(B, L, dtype=torch.bool) if attention_mask is None else attention_mask.bool().cpu()
-    in_chunk = torch.zeros(B, L, dtype=torch.bool)
+    explained = torch.zeros(B, L, dtype=torch.bool)
     for b in range(B):
+        if not diff[b].any():
+            continue
         plan = plan_row(input_ids[b].cpu(), position_ids[0, b].cpu(), valid[b], video_token_id, audio_token_id)
+        x = inputs_embeds[b].detach().cpu()
         for c, chunk in enumerate(plan.chunks):
-            pos = chunk.audio
-            if pos.numel() == 0:
-                continue
-            in_chunk[b, pos] = True
-            if not diff[b, pos].any():
-                continue
-            k, k_ref = int(keep[b, pos].sum()), int(ref[b, pos].sum())
-            if k != k_ref:
-                raise AssertionError(f"row {b} chunk {c}: keeps {k} audio tokens, the reference {k_ref}")
-            s = scores[b, pos]
-            kept, dropped = s[keep[b, pos]], s[~keep[b, pos]]
-            if kept.numel() and dropped.numel():
-                worst_kept, best_dropped = float(kept.min()), float(dropped.max())
-                if worst_kept < best_dropped - (atol + rtol * abs(best_dropped)):
-                    raise AssertionError(
-                        f"row {b} chunk {c}: keeps an audio token scored {worst_kept:.6f} by the reference "
-                        f"and drops one scored {best_dropped:.6f}: beyond the {selector_dtype} score "
-                        f"tolerance (atol {atol}, rtol {rtol})")
-    outside = diff & ~in_chunk
+            first = chunk.frames[0]
+            frames = [(first, spatial_scores(x[first]) if diff[b, first].any() else None)]
+            if len(chunk.frames) == 2:
+                second = chunk.frames[1]
+                paired = len(second) == len(first)
+                sims = temporal_scores(x[second], x[first]) if paired and diff[b, second].any() else None
+                frames.append((second, sims if paired else "unpaired"))
+            for f, (pos, s) in enumerate(frames):
+                if not diff[b, pos].any() or isinstance(s, str):
+                    continue  # equal, or an unpruned frame (a difference there stays unexplained)
+                _check_cut(f"row {b} chunk {c} frame {f}", ~keep[b, pos], ~ref[b, pos], s, v_atol, v_rtol)
+                explained[b, pos] = True
+            apos = chunk.audio
+            if apos.numel() and diff[b, apos].any() and scores is not None:
+                _check_cut(f"row {b} chunk {c} audio", keep[b, apos], ref[b, apos], scores[b, apos], a_atol, a_rtol)
+                explained[b, apos] = True
+    outside = diff & ~explained
     if outside.any():
         b, pos = (int(v) for v in outside.nonzero()[0])
-        raise AssertionError(f"keep mask differs from the reference outside the scored audio, e.g. row {b} "
-                             f"position {pos} ({int(outside.sum())} token(s))")
+        raise AssertionError(f"keep mask differs from the reference outside any frame or scored chunk cut, "
+                             f"e.g. row {b} position {pos} ({int(outside.sum())} token(s))")
     return int(diff.sum())

@@ -12,7 +12,8 @@ Data model: ``x`` is ``[B, L, D]`` (fp32/bf16/fp16/fp64, any strides); a token i
 flat index ``t = b*L + l`` (int64); segments are CSR (``token_index [N]``, ``seg_offsets [S+1]``,
 empty segments allowed). Outputs are ``float32`` and aligned with the index arrays. No op
 synchronizes with the host. The cosine is ``F.cosine_similarity`` of torch 2.13 with eps = 1e-8,
-``<a, b> / (max(|a|, eps) * max(|b|, eps))``, computed in fp32: a zero vector scores 0, not NaN.
+``<a, b> / (max(|a|, eps) * max(|b|, eps))``, accumulated in fp64 and rounded to fp32 (every backend
+and the reference alike, so near ties rank the same everywhere): a zero vector scores 0, not NaN.
 
 Not validated (would need a host sync): index values in ``[0, B*L)``, ``seg_offsets`` starting
 at 0, non-decreasing and ending at N, distinct flat indices within ``token_index``.
@@ -109,15 +110,18 @@ def token_rows(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 def _cosine_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Row-wise ``cos(a_i, b_i) = <a_i, b_i> / (max(|a_i|, eps) * max(|b_i|, eps))`` of fp32 ``[N, D]``.
+    """Row-wise ``cos(a_i, b_i) = <a_i, b_i> / (max(|a_i|, eps) * max(|b_i|, eps))`` of fp64 ``[N, D]``,
+    rounded to fp32 ``[N]``.
 
     The formula of ``F.cosine_similarity`` (each norm clamped by eps) in three reductions and no
     ``[N, D]`` temporaries (that function normalises both inputs first: two full-size divisions).
+    Every backend computes the video cosines in fp64 and rounds them to fp32, as the reference does,
+    so near ties rank alike everywhere.
     """
     dot = torch.einsum("nd,nd->n", a, b)
     na = torch.linalg.vector_norm(a, dim=-1).clamp_min(EPS)
     nb = torch.linalg.vector_norm(b, dim=-1).clamp_min(EPS)
-    return dot / (na * nb)
+    return (dot / (na * nb)).float()
 
 
 def segment_ids(seg_offsets: torch.Tensor, n: int) -> torch.Tensor:
@@ -128,18 +132,18 @@ def segment_ids(seg_offsets: torch.Tensor, n: int) -> torch.Tensor:
 
 def _segment_means_torch(rows, seg, seg_offsets):
     S = seg_offsets.shape[0] - 1
-    sums = torch.zeros((S, rows.shape[1]), dtype=torch.float32, device=rows.device)
+    sums = torch.zeros((S, rows.shape[1]), dtype=rows.dtype, device=rows.device)
     # index_put_(accumulate) is serial (deterministic) on the CPU; index_add_ there can be
     # pathologically slow under thread contention.
     sums.index_put_((seg,), rows, accumulate=True)
-    counts = (seg_offsets[1:] - seg_offsets[:-1]).clamp_min(1).to(torch.float32)
+    counts = (seg_offsets[1:] - seg_offsets[:-1]).clamp_min(1).to(rows.dtype)
     return sums / counts[:, None]
 
 
 def frame_saliency_torch(x, token_index, seg_offsets):
     """Vectorized torch path of :func:`frame_saliency`."""
     N = token_index.shape[0]
-    rows = token_rows(x, token_index).float()
+    rows = token_rows(x, token_index).double()
     seg = segment_ids(seg_offsets, N)
     mean = _segment_means_torch(rows, seg, seg_offsets)
     return _cosine_rows(rows, mean.index_select(0, seg))
@@ -147,22 +151,22 @@ def frame_saliency_torch(x, token_index, seg_offsets):
 
 def frame_pair_similarity_torch(x, first_index, second_index):
     """Vectorized torch path of :func:`frame_pair_similarity`."""
-    a = token_rows(x, second_index).float()
-    b = token_rows(x, first_index).float()
+    a = token_rows(x, second_index).double()
+    b = token_rows(x, first_index).double()
     return _cosine_rows(a, b)
 
 
 def video_scores_torch(x, token_index, seg_offsets, pair_index):
     """Vectorized torch path of :func:`video_scores`."""
     N = token_index.shape[0]
-    rows = token_rows(x, token_index).float()
+    rows = token_rows(x, token_index).double()
     seg = segment_ids(seg_offsets, N)
     mean = _segment_means_torch(rows, seg, seg_offsets)
     sal = pair_index < 0
     # One gather builds every token's other vector: its segment's mean (rows 0..S-1 of the table)
     # or its temporal partner (row S + k of the table for the k-th listed token, or x itself when
     # the partner is not a listed token).
-    partner = token_rows(x, torch.where(sal, token_index, pair_index)).float()
+    partner = token_rows(x, torch.where(sal, token_index, pair_index)).double()
     other = torch.where(sal[:, None], mean.index_select(0, seg), partner)
     return _cosine_rows(rows, other)
 
@@ -240,8 +244,8 @@ def frame_saliency(x: torch.Tensor, token_index: torch.Tensor,
                    seg_offsets: torch.Tensor) -> torch.Tensor:
     """Cosine similarity of every token to the mean of its segment (spec §3, first frame).
 
-    The mean is taken over the segment's tokens in fp32; the cosine is
-    ``F.cosine_similarity(token, mean, dim=-1, eps=1e-8)`` in fp32.
+    The mean is taken over the segment's tokens and the cosine is
+    ``F.cosine_similarity(token, mean, dim=-1, eps=1e-8)``, both in fp64, rounded to fp32.
 
     Args:
         x: ``[B, L, D]`` float32/bfloat16/float16/float64 embeddings, any strides.

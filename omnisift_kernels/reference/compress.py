@@ -37,14 +37,21 @@ def first_k_by_score(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def spatial_scores(frame: torch.Tensor) -> torch.Tensor:
-    """cos(token, frame mean) for every token of ``frame [n, D]``, fp32 ``[n]``."""
-    x = frame.float()
-    return F.cosine_similarity(x, x.mean(dim=0, keepdim=True), dim=-1, eps=COSINE_EPS)
+    """cos(token, frame mean) for every token of ``frame [n, D]``, fp32 ``[n]``.
+
+    Computed in fp64 and rounded to fp32 (spec §8 ranks fp32 scores) **[ours]**: the fp32 value of
+    the exact cosine, which every backend reproduces (their kernels accumulate in fp64 too), so
+    tokens whose scores differ by less than fp32 rounding still rank identically everywhere. (An
+    fp32 evaluation is off by an ulp or more depending on the summation order.)
+    """
+    x = frame.double()
+    return F.cosine_similarity(x, x.mean(dim=0, keepdim=True), dim=-1, eps=COSINE_EPS).float()
 
 
 def temporal_scores(second: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
-    """cos(second[i], first[i]) for two equal-sized frames ``[n, D]``, fp32 ``[n]``."""
-    return F.cosine_similarity(second.float(), first.float(), dim=-1, eps=COSINE_EPS)
+    """cos(second[i], first[i]) for two equal-sized frames ``[n, D]``, fp32 ``[n]`` (computed in
+    fp64, see :func:`spatial_scores`)."""
+    return F.cosine_similarity(second.double(), first.double(), dim=-1, eps=COSINE_EPS).float()
 
 
 def prune_chunk_video(embeds: torch.Tensor, frames: list[torch.Tensor], rho_video: float) -> list[torch.Tensor]:

@@ -103,7 +103,7 @@ def _segment_mean_kernel(
             pr = tl.load(pair_ptr + i, mask=i < end, other=0)
             need += (pr < 0).to(tl.int32)
         stop = tl.where(tl.sum(need, axis=0) > 0, end, start)
-    acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float64)
     for i0 in range(start, stop, BLOCK_T):
         i = i0 + lanes
         i_mask = i < stop
@@ -111,9 +111,9 @@ def _segment_mean_kernel(
         row = _row_offset(t, L, sxb, sxl)
         v = tl.load(x_ptr + row[:, None] + d_off[None, :],
                     mask=i_mask[:, None] & d_mask[None, :], other=0.0)
-        acc += v.to(tl.float32)
+        acc += v.to(tl.float64)
     total = tl.sum(acc, axis=0)
-    count = tl.maximum((end - start).to(tl.float32), 1.0)
+    count = tl.maximum((end - start).to(tl.float64), 1.0)
     tl.store(mean_ptr + s.to(tl.int64) * D + d, total / count, mask=d_mask)
 
 
@@ -160,32 +160,32 @@ def _cosine_kernel(
         row_c = _row_offset(tq, L, sxb, sxl)
     mean_row = seg.to(tl.int64) * D
 
-    dot = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-    na2 = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-    nb2 = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    dot = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float64)
+    na2 = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float64)
+    nb2 = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float64)
     if MODE == 2:
-        dotc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-        nc2 = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+        dotc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float64)
+        nc2 = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float64)
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         d_mask = (d < D)[None, :]
         d_off = d.to(tl.int64)[None, :] * sxd
         va = tl.load(x_ptr + row_a[:, None] + d_off, mask=use_a[:, None] & d_mask,
-                     other=0.0).to(tl.float32)
+                     other=0.0).to(tl.float64)
         if MODE == 0:
             vb = tl.load(mean_ptr + mean_row[:, None] + d[None, :],
                          mask=use_mean[:, None] & d_mask, other=0.0)
         elif MODE == 1:
             vb = tl.load(x_ptr + row_b[:, None] + d_off, mask=use_b[:, None] & d_mask,
-                         other=0.0).to(tl.float32)
+                         other=0.0).to(tl.float64)
         else:
             # exactly one of the two masked loads is live per lane; the other contributes 0.
             vb = tl.load(mean_ptr + mean_row[:, None] + d[None, :],
                          mask=use_mean[:, None] & d_mask, other=0.0)
             vb += tl.load(x_ptr + row_b[:, None] + d_off, mask=use_b[:, None] & d_mask,
-                          other=0.0).to(tl.float32)
+                          other=0.0).to(tl.float64)
             vc = tl.load(x_ptr + row_c[:, None] + d_off, mask=use_c[:, None] & d_mask,
-                         other=0.0).to(tl.float32)
+                         other=0.0).to(tl.float64)
             dotc += va * vc
             nc2 += vc * vc
         dot += va * vb
@@ -193,10 +193,10 @@ def _cosine_kernel(
         nb2 += vb * vb
     na2_r = tl.sum(na2, axis=1)
     cos = _cos_from_sums(tl.sum(dot, axis=1), na2_r, tl.sum(nb2, axis=1), EPS)
-    tl.store(out_ptr + p, cos, mask=use_a)
+    tl.store(out_ptr + p, cos.to(tl.float32), mask=use_a)
     if MODE == 2:
         cos_c = _cos_from_sums(tl.sum(dotc, axis=1), tl.sum(nc2, axis=1), na2_r, EPS)
-        tl.store(out_ptr + tl.where(use_c, q, 0), cos_c, mask=use_c)
+        tl.store(out_ptr + tl.where(use_c, q, 0), cos_c.to(tl.float32), mask=use_c)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,22 +207,26 @@ def _cosine_kernel(
 def _cos_blocks(D: int, fused: bool, device: torch.device) -> tuple[int, int, int]:
     """``(BLOCK_T, BLOCK_D, num_warps)`` of ``_cosine_kernel``.
 
-    GPU (sm_90, checked with ptxas, no spills): SALIENCY/PAIR ``[4, 256]`` x 4 warps = 64
-    registers, FUSED ``[2, 256]`` x 4 warps = 72 registers (``[8, 256]`` needs 127 / 231: too few
-    resident warps for a memory-bound loop). Fewer features: more rows per tile. The interpreter
-    gets big tiles (fewer, vectorized programs).
+    GPU: with fp32 accumulators, SALIENCY/PAIR ``[4, 256]`` x 4 warps took 64 registers and FUSED
+    ``[2, 256]`` 72 (sm_90, ptxas, no spills). The accumulators are fp64 now (cosines within an ulp of
+    the exact value, so every backend ranks near ties alike), twice the registers per element, so
+    the GPU tiles are ``[4, 128]`` / ``[2, 128]``: about the same registers (not yet checked with
+    ptxas: no GPU was at hand). Fewer features: more rows per tile. The interpreter gets big tiles
+    (fewer, vectorized programs).
     """
     block_d = min(256, next_pow2(D))
     if device.type == "cpu" and interpreting():
         return max(8, min(64, 2048 // block_d)), block_d, 4
+    block_d = min(128, block_d)
     base_t = 2 if fused else 4
     return max(base_t, min(64, 1024 // block_d)), block_d, 4
 
 
 def _mean_blocks(S: int, D: int, device: torch.device) -> tuple[int, int]:
-    """``(BLOCK_T, BLOCK_D)`` of ``_segment_mean_kernel`` (GPU: ``[8, 256]`` x 4 warps = 78
-    registers; ``[16, 256]`` needs 166). Narrower feature slices when there are few segments."""
-    block_d = min(256, next_pow2(D))
+    """``(BLOCK_T, BLOCK_D)`` of ``_segment_mean_kernel`` (GPU, fp32 accumulator: ``[8, 256]`` x 4
+    warps = 78 registers, ``[16, 256]`` 166; the accumulator is fp64 now, so at most ``[8, 128]``,
+    not yet checked with ptxas). Narrower feature slices when there are few segments."""
+    block_d = min(256 if device.type == "cpu" else 128, next_pow2(D))
     # enough programs to fill an H100 (132 SMs) when there are few segments
     while block_d > 64 and S * triton.cdiv(D, block_d) < 264:
         block_d //= 2
@@ -243,7 +247,7 @@ def _check_out(out, n, name):
 def _segment_means(x, tok, off, pair):
     B, L, D = x.shape
     S = off.numel() - 1
-    mean = torch.empty((S, D), dtype=torch.float32, device=x.device)
+    mean = torch.empty((S, D), dtype=torch.float64, device=x.device)
     if S == 0:
         return mean
     block_t, block_d = _mean_blocks(S, D, x.device)
