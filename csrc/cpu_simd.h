@@ -33,6 +33,10 @@ struct VideoScoresProblem {
   bool check_finite;           // flag rows holding NaN/Inf in *nonfinite_token
   int64_t* nonfinite_token;    // -1, or (when check_finite) the flat index of some non-finite row
   float* out;                  // [N]
+  // Optional: called after each unit with its first segment and segment count (1 or 2), from the
+  // thread that scored it (the pruning selection and the gather of the survivors run there).
+  void (*after_unit)(void* ctx, int64_t first_segment, int64_t num_segments);
+  void* after_unit_ctx;
 };
 
 // Per-thread scratch: sum [D] and acc [4 * max_segment] (fp64), row_a and row_b [D] (fp32, strided rows).

@@ -329,6 +329,8 @@ void video_units_impl(const VideoScoresProblem& p, int64_t u0, int64_t u1, Video
         flag_if_nonfinite(tok[a0 + i], r[1]);
       }
     }
+    // The unit's scores are final: let the caller use them while its rows are still in cache.
+    if (p.after_unit) p.after_unit(p.after_unit_ctx, seg, fused ? 2 : 1);
   }
 }
 

@@ -34,6 +34,9 @@
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
+#include <tuple>
+#include <type_traits>
 #include <optional>
 #include <string>
 #include <vector>
@@ -80,7 +83,8 @@ simd::Elem elem_of(c10::ScalarType t) {
 
 // fp32/bf16/fp16: the unit schedule (see the top of the file).
 void video_scores_units(const at::Tensor& x, const at::Tensor& token_index, const at::Tensor& seg_offsets,
-                        const at::Tensor& pair_index, at::Tensor& out, bool check_finite) {
+                        const at::Tensor& pair_index, at::Tensor& out, bool check_finite,
+                        void (*after_unit)(void*, int64_t, int64_t) = nullptr, void* after_unit_ctx = nullptr) {
   const int64_t N = token_index.size(0), S = seg_offsets.size(0) - 1, D = x.size(2);
   const int64_t* tok = token_index.const_data_ptr<int64_t>();
   const int64_t* off = seg_offsets.const_data_ptr<int64_t>();
@@ -106,7 +110,8 @@ void video_scores_units(const at::Tensor& x, const at::Tensor& token_index, cons
   }
   simd::VideoScoresProblem prob{x.const_data_ptr(), elem_of(x.scalar_type()), x.size(1), D, x.stride(0),
                                 x.stride(1), x.stride(2), tok, off, pair, unit_seg.data(), unit_fused.data(),
-                                max_seg, check_finite, &nonfinite, out.data_ptr<float>()};
+                                max_seg, check_finite, &nonfinite, out.data_ptr<float>(), after_unit,
+                                after_unit_ctx};
   const simd::Loops& loops = cpu_loops();
   const int64_t U = static_cast<int64_t>(unit_seg.size());
   at::parallel_for(0, U, 1, [&](int64_t u0, int64_t u1) {
@@ -200,6 +205,126 @@ at::Tensor video_scores_cpu(const at::Tensor& x, const at::Tensor& token_index, 
   return out;
 }
 
+// ---- Fused pruning: scores, the per-segment cut and the gather of the surviving rows in one pass.
+//
+//   video_keep_gather_cpu(x [B, L, D], token_index [N], seg_offsets [S+1], pair_index [N], drop int64 [S],
+//                         bool rows_fp32, bool check_finite) -> (keep bool [N], rows [N - sum(drop), D])
+//
+// keep[p] is False for the drop[s] highest-scoring tokens of each segment s (ties: the earlier position
+// first; NaN ranks highest), exactly as segmented_topk_mask; rows are x's rows of the kept tokens in
+// token_index order, in x's dtype or fp32 (rows_fp32). Each unit selects and copies its survivors
+// right after scoring them, on the same thread, so the rows come from cache instead of memory.
+
+struct KeepGatherCtx {
+  const float* scores;
+  const int64_t* tok;
+  const int64_t* off;
+  const int64_t* drop;
+  const int64_t* kept_offset;  // [S] first output row of each segment
+  bool* keep;
+  const char* x;
+  int64_t L, D, sb, sl, sd, in_bytes;  // strides in elements
+  at::ScalarType in_type;
+  char* rows;
+  int64_t out_bytes;
+  bool to_fp32;
+};
+
+template <typename In, typename Out>
+void copy_row(const In* src, int64_t sd, Out* dst, int64_t D) {
+  if constexpr (std::is_same_v<In, Out>) {
+    if (sd == 1) {
+      std::memcpy(dst, src, static_cast<size_t>(D) * sizeof(In));
+      return;
+    }
+  }
+  for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<Out>(static_cast<float>(src[d * sd]));
+}
+
+void keep_gather_after_unit(void* ctx_ptr, int64_t first_segment, int64_t num_segments) {
+  const auto& c = *static_cast<const KeepGatherCtx*>(ctx_ptr);
+  std::vector<int64_t> order;
+  for (int64_t s = first_segment; s < first_segment + num_segments; ++s) {
+    const int64_t a = c.off[s], n = c.off[s + 1] - a, k = std::min(c.drop[s], n);
+    for (int64_t i = 0; i < n; ++i) c.keep[a + i] = true;
+    if (k > 0) {
+      order.resize(static_cast<size_t>(n));
+      for (int64_t i = 0; i < n; ++i) order[i] = i;
+      const float* sc = c.scores + a;
+      auto higher = [sc](int64_t i, int64_t j) {  // ranks i before j: descending, NaN first, ties by index
+        const float u = sc[i], v = sc[j];
+        const bool un = std::isnan(u), vn = std::isnan(v);
+        if (un != vn) return un;
+        if (!un && u != v) return u > v;
+        return i < j;
+      };
+      if (k < n) std::nth_element(order.begin(), order.begin() + (k - 1), order.end(), higher);
+      // nth_element puts the k-th ranked at k-1 and every better-ranked token before it.
+      for (int64_t r = 0; r < k; ++r) c.keep[a + order[r]] = false;
+    }
+    int64_t out_row = c.kept_offset[s];
+    for (int64_t i = 0; i < n; ++i) {
+      if (!c.keep[a + i]) continue;
+      const int64_t t = c.tok[a + i], b = t / c.L;
+      const char* src = c.x + (b * c.sb + (t - b * c.L) * c.sl) * c.in_bytes;
+      char* dst = c.rows + out_row * c.D * c.out_bytes;
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, c.in_type, "video_keep_gather_cpu", [&] {
+        const auto* in = reinterpret_cast<const scalar_t*>(src);
+        if (c.to_fp32) {
+          copy_row(in, c.sd, reinterpret_cast<float*>(dst), c.D);
+        } else {
+          copy_row(in, c.sd, reinterpret_cast<scalar_t*>(dst), c.D);
+        }
+      });
+      ++out_row;
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> video_keep_gather_cpu(const at::Tensor& x, const at::Tensor& token_index,
+                                                         const at::Tensor& seg_offsets, const at::Tensor& pair_index,
+                                                         const at::Tensor& drop, bool rows_fp32, bool check_finite) {
+  TORCH_CHECK_VALUE(x.dim() == 3, "video_keep_gather_cpu: x must be [B, L, D], got ", x.sizes());
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+                   "video_keep_gather_cpu: x must be float32, bfloat16 or float16, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(token_index.dim() == 1 && pair_index.sizes() == token_index.sizes(),
+                    "video_keep_gather_cpu: token_index and pair_index must be [N]");
+  const int64_t S = seg_offsets.size(0) - 1;
+  TORCH_CHECK_VALUE(seg_offsets.dim() == 1 && S >= 0 && drop.dim() == 1 && drop.size(0) == S,
+                    "video_keep_gather_cpu: seg_offsets must be [S+1] and drop [S], got ", seg_offsets.sizes(),
+                    " and ", drop.sizes());
+  for (const auto* t : {&token_index, &seg_offsets, &pair_index, &drop}) {
+    TORCH_CHECK_TYPE(t->scalar_type() == at::kLong, "video_keep_gather_cpu: index tensors must be int64, got ",
+                     t->scalar_type());
+  }
+  const at::Tensor tok = token_index.contiguous(), off = seg_offsets.contiguous(), pr = pair_index.contiguous(),
+                   dr = drop.contiguous();
+  const int64_t N = tok.size(0), D = x.size(2);
+  const int64_t* offp = off.const_data_ptr<int64_t>();
+  const int64_t* drp = dr.const_data_ptr<int64_t>();
+  TORCH_CHECK_VALUE(S == 0 ? N == 0 : (offp[0] == 0 && offp[S] == N),
+                    "video_keep_gather_cpu: seg_offsets must run from 0 to N=", N);
+  std::vector<int64_t> kept_offset(static_cast<size_t>(std::max<int64_t>(S, 1)), 0);
+  int64_t kept = 0;
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t n = offp[s + 1] - offp[s];
+    TORCH_CHECK_VALUE(n >= 0 && drp[s] >= 0, "video_keep_gather_cpu: seg_offsets must be non-decreasing and drop >= 0");
+    kept_offset[s] = kept;
+    kept += n - std::min(drp[s], n);
+  }
+  at::Tensor keep = at::empty({N}, x.options().dtype(at::kBool));
+  at::Tensor rows = at::empty({kept, D}, x.options().dtype(rows_fp32 ? at::kFloat : x.scalar_type()));
+  at::Tensor scores = at::empty({N}, x.options().dtype(at::kFloat));
+  if (N == 0) return {keep, rows};
+  KeepGatherCtx ctx{scores.const_data_ptr<float>(), tok.const_data_ptr<int64_t>(), offp, drp, kept_offset.data(),
+                    keep.data_ptr<bool>(), static_cast<const char*>(x.const_data_ptr()), x.size(1), D,
+                    x.stride(0), x.stride(1), x.stride(2), static_cast<int64_t>(x.element_size()),
+                    x.scalar_type(), static_cast<char*>(rows.data_ptr()), static_cast<int64_t>(rows.element_size()),
+                    rows_fp32 && x.scalar_type() != at::kFloat};
+  video_scores_units(x, tok, off, pr, scores, check_finite, &keep_gather_after_unit, &ctx);
+  return {keep, rows};
+}
+
 // True (a bool scalar tensor) when x holds no NaN and no +-Inf. One read of x at memory speed (the
 // exponent bits of every element), in parallel blocks. With skip_rows (bool [B, L] for x [B, L, D]),
 // the rows where it is True are not read (the video rows, which video_scores_cpu checks itself).
@@ -280,6 +405,8 @@ TORCH_LIBRARY_FRAGMENT(omnisift, m) {
   m.def("video_scores_cpu(Tensor x, Tensor token_index, Tensor seg_offsets, Tensor pair_index, "
         "bool check_finite=False) -> Tensor");
   m.def("all_finite_cpu(Tensor x, Tensor? skip_rows=None) -> Tensor");
+  m.def("video_keep_gather_cpu(Tensor x, Tensor token_index, Tensor seg_offsets, Tensor pair_index, Tensor drop, "
+        "bool rows_fp32=False, bool check_finite=False) -> (Tensor, Tensor)");
   m.def("cpu_kernels_isa() -> str", &cpu_kernels_isa);
   m.def("cpu_parallel_threads(int n) -> int", &cpu_parallel_threads);
 }
@@ -287,6 +414,7 @@ TORCH_LIBRARY_FRAGMENT(omnisift, m) {
 TORCH_LIBRARY_IMPL(omnisift, CPU, m) {
   m.impl("video_scores_cpu", &video_scores_cpu);
   m.impl("all_finite_cpu", &all_finite_cpu);
+  m.impl("video_keep_gather_cpu", &video_keep_gather_cpu);
 }
 
 }  // namespace omnisift

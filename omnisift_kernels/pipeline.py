@@ -27,6 +27,7 @@ import os
 import torch
 
 from . import ops
+from ._ext import ext_has_kernel
 from ._validation import all_finite, check_finite
 from .plan import DevicePlan, PlanSizes, build_plan, read_sizes, sizes_from_grid
 from .result import CompressionResult
@@ -113,6 +114,14 @@ def _split_finite_check(x: torch.Tensor, backend: str) -> bool:
             and not torch.compiler.is_compiling() and ops.video.cpu_kernel_serves(x))
 
 
+def _fused_keep_gather(x: torch.Tensor, backend: str) -> bool:
+    """Whether the fused C++ prune-and-gather kernel serves this call: the CPU backend with the
+    extension, no compile tracing, and no gradient wanted for ``x`` (the kernel's gathered rows are
+    not differentiable; the selector's gradient into the video embeddings needs the torch gather)."""
+    return (_split_finite_check(x, backend) and ext_has_kernel("video_keep_gather_cpu", "CPU")
+            and not (torch.is_grad_enabled() and x.requires_grad))
+
+
 def video_keep(x: torch.Tensor, index: IndexPlan, check_finite: bool = False) -> torch.Tensor:
     """Stage 4: bool ``[Nv]``, True for surviving video tokens (aligned with ``video_index``).
 
@@ -147,22 +156,30 @@ def audio_scores(
     sizes: PlanSizes,
     index: IndexPlan,
     keep_video: torch.Tensor,
+    video_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Stage 5: the selector's fp32 score of every in-window audio token ``[Na_assigned]``.
 
     All chunks of all rows in one batched call: the two projections run as two matmuls over every
     surviving video token and every in-window audio token, then the projected tokens are laid into
     ``[C, max tokens, H]`` blocks and attend with a key padding mask.
+
+    ``video_rows``: the surviving video rows ``[Nv_kept, D]`` in ``video_index`` order, when the
+    caller already has them (the fused CPU kernel gathers them while pruning); else gathered here.
     """
     C, H = sizes.num_chunks, selector.hidden_dim
     dev = x.device
     dtype = selector.param_dtype
-    # Surviving video, grouped by chunk (video_index is ascending, so chunks are contiguous runs).
-    survivors = compact_indices(keep_video, sizes.num_video_kept)
-    video_flat = index.video_index[survivors]
-    video_chunk = plan.frame_chunk[plan.frame_id[video_flat]]
-    video_rank = torch.arange(video_flat.shape[0], device=dev) - _offsets(plan.chunk_video_kept[:C])[video_chunk]
-    v = selector.v_norm(selector.v_proj(_rows(x, video_flat).to(dtype)))
+    uniform_video = sizes.max_chunk_video >= 1 and sizes.num_video_kept == C * sizes.max_chunk_video
+    if video_rows is None or not uniform_video:
+        # Surviving video, grouped by chunk (video_index is ascending, so chunks are contiguous runs).
+        survivors = compact_indices(keep_video, sizes.num_video_kept)
+        video_flat = index.video_index[survivors]
+        video_chunk = plan.frame_chunk[plan.frame_id[video_flat]]
+        video_rank = torch.arange(video_flat.shape[0], device=dev) - _offsets(plan.chunk_video_kept[:C])[video_chunk]
+    if video_rows is None:
+        video_rows = _rows(x, video_flat)
+    v = selector.v_norm(selector.v_proj(video_rows.to(dtype)))
     n_assigned = sizes.num_audio_assigned
     audio_flat = index.audio_index[:n_assigned]
     audio_chunk = index.audio_chunk[:n_assigned]
@@ -170,7 +187,7 @@ def audio_scores(
     a = selector.a_norm(selector.a_proj(_rows(x, audio_flat).to(dtype)))
     # Equal-sized chunks (known on the host: count == chunks x largest) are views of the projected
     # rows, which are grouped by chunk in chunk order; otherwise right-padded blocks and a key mask.
-    if sizes.max_chunk_video >= 1 and sizes.num_video_kept == C * sizes.max_chunk_video:
+    if uniform_video:
         v_blocks, padding = v.view(C, sizes.max_chunk_video, H), None
     else:
         v_blocks = v.new_zeros(C, max(sizes.max_chunk_video, 1), H).index_put((video_chunk, video_rank), v)
@@ -331,16 +348,25 @@ def fast_compress(
             sizes, _ = sizes_from_grid(grid, rho_video=rho_video, rho_audio=rho_audio,
                                        score_audio=selector is not None)
         index = index_plan(plan, sizes)
+        score = selector is not None and sizes.num_audio_assigned and sizes.num_chunks
+        video_rows = None
         try:
-            keep_v = video_keep(inputs_embeds, index, check_finite=split)
+            if score and _fused_keep_gather(inputs_embeds, backend):
+                # One C++ pass: scores, the per-frame cut, and the survivors' rows for the selector
+                # (gathered from cache, already in the selector's dtype when that is fp32).
+                keep_v, video_rows = torch.ops.omnisift.video_keep_gather_cpu(
+                    inputs_embeds, index.video_index, index.frame_offsets, index.pair_index, index.frame_drop,
+                    rows_fp32=selector.param_dtype == torch.float32, check_finite=split)
+            else:
+                keep_v = video_keep(inputs_embeds, index, check_finite=split)
         except ValueError as e:
             if split and "NaN or Inf" in str(e):
                 raise ValueError("omnisift_kernels.compress: inputs_embeds holds NaN or Inf values; the keep "
                                  "mask would be meaningless") from None
             raise
         scores = None
-        if selector is not None and sizes.num_audio_assigned and sizes.num_chunks:
-            scores = audio_scores(inputs_embeds, selector, plan, sizes, index, keep_v)
+        if score:
+            scores = audio_scores(inputs_embeds, selector, plan, sizes, index, keep_v, video_rows=video_rows)
         keep_a = audio_keep(index, sizes, scores)
         return assemble(
             inputs_embeds, position_ids, labels, plan, sizes, index, keep_v, keep_a, scores, output,

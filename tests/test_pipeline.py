@@ -18,7 +18,8 @@ from omnisift_kernels import (
 )
 from omnisift_kernels.api import resolve_backend
 from omnisift_kernels.layout import Audio, Image, Text, Video
-from omnisift_kernels.pipeline import compact_indices
+from omnisift_kernels._ext import ext_has_kernel
+from omnisift_kernels.pipeline import _fused_keep_gather, compact_indices
 from omnisift_kernels.plan import build_plan, read_sizes, sizes_from_grid
 from omnisift_kernels.sync_guard import HostSyncError, forbid_host_sync
 from omnisift_kernels.synthetic import clip_row, make_batch
@@ -292,6 +293,32 @@ def test_selector_gradients_match_reference():
         grads[backend] = {n: p.grad.clone() for n, p in sel.named_parameters()}
         grads[backend]["inputs_embeds"] = x.grad.clone()
     # Scores are fp32 in both paths (spec §8), so gradients through them carry fp32 rounding.
+    atol, rtol = tolerance(torch.float32, "score")
+    for name, g in grads["reference"].items():
+        torch.testing.assert_close(grads["cpu"][name], g, rtol=rtol, atol=atol, msg=name)
+    assert any(g.abs().sum() > 0 for n, g in grads["cpu"].items() if n != "inputs_embeds")
+
+
+@pytest.mark.parametrize("x_grad", [False, True])
+def test_selector_gradients_match_reference_fp32(x_grad):
+    """fp32 embeddings: without a gradient for them the CPU path prunes and gathers in the fused C++
+    kernel; with one it gathers with torch (differentiable). The selector's gradients match the
+    reference's either way, and so do the embeddings' when asked for."""
+    batch = make_batch([clip_row(4, 2, 3), clip_row(3, 2, 3)], D, seed=5)
+    grads = {}
+    for backend in ("reference", "cpu"):
+        sel = VisionGuidedAudioSelector(D, num_heads=4, hidden_dim=16)
+        sel.load_state_dict(SELECTOR.state_dict())
+        x = batch.inputs_embeds.clone().requires_grad_(x_grad)
+        if backend == "cpu" and ext_has_kernel("video_keep_gather_cpu", "CPU"):
+            assert _fused_keep_gather(x, "cpu") == (not x_grad)  # the path this case means to test
+        kw = dict(batch.compress_kwargs(), inputs_embeds=x)
+        r = compress(**kw, rho_video=0.67, rho_audio=0.4, selector=sel, backend=backend)
+        weight = torch.linspace(-1, 1, r.inputs_embeds.numel()).view_as(r.inputs_embeds)
+        (r.inputs_embeds * weight).sum().backward()
+        grads[backend] = {n: p.grad.clone() for n, p in sel.named_parameters()}
+        if x_grad:
+            grads[backend]["inputs_embeds"] = x.grad.clone()
     atol, rtol = tolerance(torch.float32, "score")
     for name, g in grads["reference"].items():
         torch.testing.assert_close(grads["cpu"][name], g, rtol=rtol, atol=atol, msg=name)

@@ -199,3 +199,69 @@ def test_portable_loops_equal_the_torch_path():
     env = dict(os.environ, OMNISIFT_CPU_BASELINE="1")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+def _keep_gather_expected(x, tok, off, pair, drop, rows_fp32):
+    from omnisift_kernels.ops import segmented_topk_mask
+
+    scores = torch.ops.omnisift.video_scores_cpu(x, tok, off, pair)
+    keep = ~segmented_topk_mask(scores, off, drop)
+    rows = x.reshape(-1, x.shape[-1])[tok[keep]] if x.is_contiguous() else \
+        torch.stack([x[int(t) // x.shape[1], int(t) % x.shape[1]] for t in tok[keep]]) if keep.any() else \
+        x.new_zeros(0, x.shape[-1])
+    return keep, (rows.float() if rows_fp32 else rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["contiguous", "sliced"])
+@pytest.mark.parametrize("rows_fp32", [False, True])
+def test_keep_gather_equals_scores_topk_and_gather(dtype, layout, rows_fp32, cpu_isa):
+    g = torch.Generator().manual_seed(2)
+    B, L, D = 3, 40, 37
+    base = torch.randn(B, L, 2 * D, generator=g).to(dtype)
+    x = base[:, :, :D].contiguous() if layout == "contiguous" else base[:, :, ::2]
+    tok, off, pair = _layout_with_pairs(B, L, [7, 7, 0, 1, 12, 12, 5, 3], seed=1)
+    sizes = off[1:] - off[:-1]
+    drop = torch.tensor([3, 3, 0, 1, 5, 12, 0, 2])  # some none, one whole segment, one all-but-one
+    drop = torch.minimum(drop, sizes)
+    keep, rows = torch.ops.omnisift.video_keep_gather_cpu(x, tok, off, pair, drop, rows_fp32=rows_fp32)
+    keep_e, rows_e = _keep_gather_expected(x, tok, off, pair, drop, rows_fp32)
+    assert torch.equal(keep, keep_e)
+    assert rows.dtype == (torch.float32 if rows_fp32 else dtype)
+    assert torch.equal(rows, rows_e)
+
+
+def test_keep_gather_ties_and_nan_follow_segmented_topk():
+    """Exact ties drop the earlier token first; NaN ranks highest (as segmented_topk_mask)."""
+    x = torch.zeros(1, 10, 4)
+    x[0, :, 0] = 1.0
+    x[0, 3, 1] = x[0, 7, 1] = 0.5       # two identical tokens, both below the rest
+    x[0, 5] = float("nan")
+    tok = torch.arange(10)
+    off = torch.tensor([0, 10])
+    pair = torch.full_like(tok, -1)
+    for k in range(0, 11):
+        drop = torch.tensor([k])
+        keep, rows = torch.ops.omnisift.video_keep_gather_cpu(x, tok, off, pair, drop)
+        keep_e, rows_e = _keep_gather_expected(x, tok, off, pair, drop, False)
+        assert torch.equal(keep, keep_e), k
+        assert torch.equal(rows.nan_to_num(7.0), rows_e.nan_to_num(7.0)), k
+
+
+def test_keep_gather_checks_finiteness_and_arguments():
+    x = torch.randn(1, 12, 8)
+    tok = torch.arange(12)
+    off = torch.tensor([0, 6, 12])
+    pair = torch.full_like(tok, -1)
+    drop = torch.tensor([2, 2])
+    x[0, 9, 3] = float("inf")
+    torch.ops.omnisift.video_keep_gather_cpu(x, tok, off, pair, drop)  # not asked to check
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        torch.ops.omnisift.video_keep_gather_cpu(x, tok, off, pair, drop, check_finite=True)
+    with pytest.raises(ValueError, match="drop"):
+        torch.ops.omnisift.video_keep_gather_cpu(x, tok, off, pair, torch.tensor([1]))
+    with pytest.raises(TypeError, match="float32"):
+        torch.ops.omnisift.video_keep_gather_cpu(x.double(), tok, off, pair, drop)
+    keep, rows = torch.ops.omnisift.video_keep_gather_cpu(x, tok[:0], torch.tensor([0]), pair[:0],
+                                                          torch.zeros(0, dtype=torch.int64))
+    assert keep.shape == (0,) and rows.shape == (0, 8)
