@@ -17,9 +17,8 @@ enum class Elem : int { F32 = 0, BF16 = 1, F16 = 2 };
 //
 // Work is split into units: unit u is segment unit_seg[u] ("A"), and, when unit_fused[u] != 0, also
 // segment unit_seg[u] + 1 ("B"), which has A's size, no saliency token and pairs its i-th token with
-// A's i-th token. A fused unit reads A and B from memory once: in column blocks of D that fit the L2
-// cache, one pass over A's and B's block (B's temporal partial sums, A's sum and norms), then a second
-// pass over A's block, from cache, for the partial dots with the block of A's mean.
+// A's i-th token. Pass 1 reads A and B side by side (B's temporal dots, A's sum and norms), pass 2
+// reads A again, mostly from cache, for the dots with A's mean.
 struct VideoScoresProblem {
   const void* x;   // [B, L, D] embeddings, element type `elem`, strides below (in elements)
   Elem elem;
@@ -39,7 +38,7 @@ struct VideoScoresProblem {
   void* after_unit_ctx;
 };
 
-// Per-thread scratch: sum [D] and acc [4 * max_segment] (fp64), row_a and row_b [D] (fp32, strided rows).
+// Per-thread scratch: sum [D] and acc [3 * max_segment] (fp64), row_a and row_b [D] (fp32, strided rows).
 struct VideoScoresScratch {
   double* sum;
   float* row_a;
@@ -49,8 +48,15 @@ struct VideoScoresScratch {
 
 struct Loops {
   const char* isa;
-  // Scores of units [u0, u1).
+  // Scores of units [u0, u1), each unit on the calling thread.
   void (*video_scores_units)(const VideoScoresProblem& p, int64_t u0, int64_t u1, VideoScoresScratch& s);
+  // One unit split over threads: pass 1 over positions [i0, i1) adds the A rows into S (a per-thread
+  // partial sum) and fills acc [3 * n] (disjoint ranges); after the caller turns the summed partials
+  // into the mean, pass 2 over [i0, i1) writes the scores (mm = |mean|^2).
+  void (*unit_pass1)(const VideoScoresProblem& p, int64_t u, int64_t i0, int64_t i1, double* S, double* acc,
+                     float* row_a, float* row_b);
+  void (*unit_pass2)(const VideoScoresProblem& p, int64_t u, int64_t i0, int64_t i1, const double* mean, double mm,
+                     const double* acc, float* row_a, float* row_b);
   // True when none of x[0:n] (contiguous, element type elem) is NaN or +-Inf.
   bool (*all_finite)(const void* x, Elem elem, int64_t n);
   // The same for n elements spaced by `stride` elements.

@@ -44,7 +44,8 @@ struct VecAvx512 {
   static double dhsum(dreg v) { return _mm512_reduce_add_pd(v); }
 };
 
-const Loops kLoops = {"avx512", &video_units<VecAvx512>, &all_finite_impl, &all_finite_strided_impl};
+const Loops kLoops = {"avx512", &video_units<VecAvx512>, &unit_pass1<VecAvx512>, &unit_pass2<VecAvx512>, &all_finite_impl,
+                      &all_finite_strided_impl};
 
 }  // namespace
 

@@ -233,130 +233,183 @@ inline bool all_finite_impl(const void* x, Elem elem, int64_t n) {
 // dots, both frames side by side), pass 2 reads A again for the dots with the mean, mostly from the
 // L2/L3 cache. (Column blocks of D sized for L2, reading every byte from memory exactly once, measured
 // slower: 4.7 vs 4.0 ms on omni7b-20s fp32, the short strided runs defeat the hardware prefetcher.)
-// Strided rows (stride_d != 1) are converted into the fp32 scratch rows first.
+// Strided rows (stride_d != 1) are converted into the fp32 scratch rows first. Without saliency tokens
+// (only pairs) a unit has no pass 1.
 
+// One unit's work, split in two passes over position ranges, so that a caller can run a unit's
+// positions on several threads (few units) or whole units per thread (many units).
 template <class V, Elem E, bool Strided>
-void video_units_impl(const VideoScoresProblem& p, int64_t u0, int64_t u1, VideoScoresScratch& s) {
+struct UnitKernel {
   using T = typename ElemType<E>::type;
-  constexpr Elem RE = Strided ? Elem::F32 : E;  // element type the primitives see
+  static constexpr Elem RE = Strided ? Elem::F32 : E;  // element type the primitives see
   using RT = typename ElemType<RE>::type;
-  const T* x = static_cast<const T*>(p.x);
-  const int64_t L = p.L, D = p.D;
-  auto raw_row = [&](int64_t t) -> const void* {
-    const int64_t b = t / L;
-    return x + b * p.stride_b + (t - b * L) * p.stride_l;
-  };
+
+  const VideoScoresProblem& p;
+  const T* x;
+  int64_t a0 = 0, b0 = 0, n = 0;
+  bool fused = false, needs_mean = false;
+
+  UnitKernel(const VideoScoresProblem& prob, int64_t u) : p(prob), x(static_cast<const T*>(prob.x)) {
+    const int64_t seg = p.unit_seg[u];
+    a0 = p.seg_offsets[seg];
+    n = p.seg_offsets[seg + 1] - a0;
+    fused = p.unit_fused[u] != 0;
+    b0 = fused ? p.seg_offsets[seg + 1] : 0;
+    needs_mean = fused;
+    for (int64_t i = 0; i < n && !needs_mean; ++i) needs_mean = p.pair_index[a0 + i] < 0;
+  }
+  const void* raw_row(int64_t t) const {
+    const int64_t b = t / p.L;
+    return x + b * p.stride_b + (t - b * p.L) * p.stride_l;
+  }
   // The row of flat token t (converted into buf when strided).
-  auto row = [&](int64_t t, float* buf) -> const RT* {
-    const int64_t b = t / L;
-    const T* r = x + b * p.stride_b + (t - b * L) * p.stride_l;
+  const RT* row(int64_t t, float* buf) const {
+    const T* r = static_cast<const T*>(raw_row(t));
     if constexpr (Strided) {
-      for (int64_t d = 0; d < D; ++d) buf[d] = to_f32<E>(r[d * p.stride_d]);
+      for (int64_t d = 0; d < p.D; ++d) buf[d] = to_f32<E>(r[d * p.stride_d]);
       return buf;
     } else {
       (void)buf;
       return reinterpret_cast<const RT*>(r);
     }
-  };
-  const int64_t* tok = p.token_index;
-  const int64_t* pair = p.pair_index;
-  double* dot_am = s.acc;                       // <a_i, mean>
-  double* norm_a = s.acc + p.max_segment;       // |a_i|^2
-  double* dot_ab = s.acc + 2 * p.max_segment;   // <a_i, b_i> (fused)
-  double* norm_b = s.acc + 3 * p.max_segment;   // |b_i|^2 (fused)
-  // Every token's own squared norm is computed below; NaN/Inf in a row makes it non-finite (and so
-  // may a finite row with huge values: only then are the row's elements checked one by one).
-  auto flag_if_nonfinite = [&](int64_t t, double norm2) {
+  }
+  // NaN/Inf in a row makes its squared norm non-finite (and so may a finite row with huge values:
+  // only then are the row's elements checked one by one).
+  void flag_if_nonfinite(int64_t t, double norm2) const {
     if (!p.check_finite || __builtin_isfinite(norm2)) return;
-    const int64_t b = t / L;
-    if (!all_finite_strided_impl(x + b * p.stride_b + (t - b * L) * p.stride_l, E, D, p.stride_d)) {
+    if (!all_finite_strided_impl(raw_row(t), E, p.D, p.stride_d)) {
       __atomic_store_n(p.nonfinite_token, t, __ATOMIC_RELAXED);
     }
-  };
-  for (int64_t u = u0; u < u1; ++u) {
-    const int64_t seg = p.unit_seg[u];
-    const int64_t a0 = p.seg_offsets[seg], n = p.seg_offsets[seg + 1] - a0;
-    if (n <= 0) continue;
-    const bool fused = p.unit_fused[u] != 0;
-    const int64_t b0 = fused ? p.seg_offsets[seg + 1] : 0;
-    bool needs_mean = fused;
-    for (int64_t i = 0; i < n && !needs_mean; ++i) needs_mean = pair[a0 + i] < 0;
+  }
+  // Pass 1 over positions [i0, i1) (needs_mean only): S += A rows; |a_i|^2 and a fused B's <a_i, b_i>,
+  // |b_i|^2 into acc (norm_a, dot_ab, norm_b: three arrays of n). A and B are read side by side.
+  void pass1_range(int64_t i0, int64_t i1, double* S, double* acc, float* row_a, float* row_b) const {
+    double* norm_a = acc;
+    double* dot_ab = acc + n;
+    double* norm_b = acc + 2 * n;
+    const int64_t* tok = p.token_index;
     double r[3];
-    if (needs_mean) {
-      const double inv = 1.0 / static_cast<double>(n);
-      double* S = s.sum;
-      for (int64_t d = 0; d < D; ++d) S[d] = 0.0;
-      // Pass 1: the sum and norms of A, a fused B's temporal dots (A and B read from memory).
-      for (int64_t i = 0; i < n; ++i) {
-        const RT* ra = row(tok[a0 + i], s.row_a);
-        const void* next_a = !Strided && i + 1 < n ? raw_row(tok[a0 + i + 1]) : nullptr;
-        const void* next_b = !Strided && fused && i + 1 < n ? raw_row(tok[b0 + i + 1]) : nullptr;
-        if (fused) {
-          pass1<V, RE, true>(ra, row(tok[b0 + i], s.row_b), S, D, r, next_a, next_b);
-          dot_ab[i] = r[0];
-          norm_b[i] = r[2];
-        } else {
-          pass1<V, RE, false>(ra, nullptr, S, D, r, next_a, nullptr);
-        }
-        norm_a[i] = r[1];
+    for (int64_t i = i0; i < i1; ++i) {
+      const RT* ra = row(tok[a0 + i], row_a);
+      const void* next_a = !Strided && i + 1 < i1 ? raw_row(tok[a0 + i + 1]) : nullptr;
+      if (fused) {
+        const void* next_b = !Strided && i + 1 < i1 ? raw_row(tok[b0 + i + 1]) : nullptr;
+        pass1<V, RE, true>(ra, row(tok[b0 + i], row_b), S, p.D, r, next_a, next_b);
+        dot_ab[i] = r[0];
+        norm_b[i] = r[2];
+      } else {
+        pass1<V, RE, false>(ra, nullptr, S, p.D, r, next_a, nullptr);
       }
-      double mm = 0.0;
-      for (int64_t d = 0; d < D; ++d) {
-        S[d] *= inv;  // the mean
-        mm += S[d] * S[d];
-      }
-      // Pass 2: <a_i, mean> (A again, mostly from the cache).
-      for (int64_t i = 0; i < n; ++i) {
-        if (pair[a0 + i] < 0) dot_am[i] = dot_f64<V, RE>(row(tok[a0 + i], s.row_a), S, D);
-      }
-      for (int64_t i = 0; i < n; ++i) {
-        if (pair[a0 + i] < 0) {
-          p.out[a0 + i] = cosine(dot_am[i], norm_a[i], mm);
-        } else {  // a paired token inside a segment that also has saliency tokens
-          dot3<V, RE>(row(tok[a0 + i], s.row_a), row(pair[a0 + i], s.row_b), D, r);
-          p.out[a0 + i] = cosine(r[0], r[1], r[2]);
-        }
-        flag_if_nonfinite(tok[a0 + i], norm_a[i]);
-        if (fused) {
-          p.out[b0 + i] = cosine(dot_ab[i], norm_a[i], norm_b[i]);
-          flag_if_nonfinite(tok[b0 + i], norm_b[i]);
-        }
-      }
-    } else {
-      for (int64_t i = 0; i < n; ++i) {
-        dot3<V, RE>(row(tok[a0 + i], s.row_a), row(pair[a0 + i], s.row_b), D, r);
+      norm_a[i] = r[1];
+    }
+  }
+  // Pass 2 over positions [i0, i1): every score of the range (mean: the segment's mean, mm = |mean|^2;
+  // unused without needs_mean). A is read again, mostly from the cache.
+  void pass2_range(int64_t i0, int64_t i1, const double* mean, double mm, const double* acc, float* row_a,
+                   float* row_b) const {
+    const double* norm_a = acc;
+    const double* dot_ab = acc + n;
+    const double* norm_b = acc + 2 * n;
+    const int64_t* tok = p.token_index;
+    const int64_t* pair = p.pair_index;
+    double r[3];
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t t = tok[a0 + i];
+      if (pair[a0 + i] < 0) {
+        p.out[a0 + i] = cosine(dot_f64<V, RE>(row(t, row_a), mean, p.D), norm_a[i], mm);
+        flag_if_nonfinite(t, norm_a[i]);
+      } else {
+        dot3<V, RE>(row(t, row_a), row(pair[a0 + i], row_b), p.D, r);
         p.out[a0 + i] = cosine(r[0], r[1], r[2]);
-        flag_if_nonfinite(tok[a0 + i], r[1]);
+        flag_if_nonfinite(t, r[1]);
+      }
+      if (fused) {
+        p.out[b0 + i] = cosine(dot_ab[i], norm_a[i], norm_b[i]);
+        flag_if_nonfinite(tok[b0 + i], norm_b[i]);
       }
     }
+  }
+};
+
+// mean = S / n in place; returns |mean|^2.
+inline double finish_mean(double* S, int64_t D, int64_t n) {
+  const double inv = 1.0 / static_cast<double>(n);
+  double mm = 0.0;
+  for (int64_t d = 0; d < D; ++d) {
+    S[d] *= inv;
+    mm += S[d] * S[d];
+  }
+  return mm;
+}
+
+template <class V, Elem E, bool Strided>
+void video_units_impl(const VideoScoresProblem& p, int64_t u0, int64_t u1, VideoScoresScratch& s) {
+  for (int64_t u = u0; u < u1; ++u) {
+    const UnitKernel<V, E, Strided> k(p, u);
+    if (k.n <= 0) continue;
+    double mm = 0.0;
+    if (k.needs_mean) {
+      for (int64_t d = 0; d < p.D; ++d) s.sum[d] = 0.0;
+      k.pass1_range(0, k.n, s.sum, s.acc, s.row_a, s.row_b);
+      mm = finish_mean(s.sum, p.D, k.n);
+    }
+    k.pass2_range(0, k.n, s.sum, mm, s.acc, s.row_a, s.row_b);
     // The unit's scores are final: let the caller use them while its rows are still in cache.
-    if (p.after_unit) p.after_unit(p.after_unit_ctx, seg, fused ? 2 : 1);
+    if (p.after_unit) p.after_unit(p.after_unit_ctx, p.unit_seg[u], k.fused ? 2 : 1);
   }
 }
 
-template <class V, Elem E>
-void video_units_typed(const VideoScoresProblem& p, int64_t u0, int64_t u1,
-                                            VideoScoresScratch& s) {
-  if (p.stride_d == 1) {
-    video_units_impl<V, E, false>(p, u0, u1, s);
-  } else {
-    video_units_impl<V, E, true>(p, u0, u1, s);
+// Dispatch on the element type and on unit strides.
+template <template <class, Elem, bool> class F, class V, class... Args>
+void dispatch_elem(const VideoScoresProblem& p, Args&&... args) {
+  const bool strided = p.stride_d != 1;
+  switch (p.elem) {
+    case Elem::F32:
+      strided ? F<V, Elem::F32, true>::run(p, args...) : F<V, Elem::F32, false>::run(p, args...);
+      break;
+    case Elem::BF16:
+      strided ? F<V, Elem::BF16, true>::run(p, args...) : F<V, Elem::BF16, false>::run(p, args...);
+      break;
+    case Elem::F16:
+      strided ? F<V, Elem::F16, true>::run(p, args...) : F<V, Elem::F16, false>::run(p, args...);
+      break;
   }
 }
+
+template <class V, Elem E, bool Strided>
+struct RunUnits {
+  static void run(const VideoScoresProblem& p, int64_t u0, int64_t u1, VideoScoresScratch& s) {
+    video_units_impl<V, E, Strided>(p, u0, u1, s);
+  }
+};
+template <class V, Elem E, bool Strided>
+struct RunPass1 {
+  static void run(const VideoScoresProblem& p, int64_t u, int64_t i0, int64_t i1, double* S, double* acc,
+                  float* row_a, float* row_b) {
+    UnitKernel<V, E, Strided>(p, u).pass1_range(i0, i1, S, acc, row_a, row_b);
+  }
+};
+template <class V, Elem E, bool Strided>
+struct RunPass2 {
+  static void run(const VideoScoresProblem& p, int64_t u, int64_t i0, int64_t i1, const double* mean, double mm,
+                  const double* acc, float* row_a, float* row_b) {
+    UnitKernel<V, E, Strided>(p, u).pass2_range(i0, i1, mean, mm, acc, row_a, row_b);
+  }
+};
 
 template <class V>
 void video_units(const VideoScoresProblem& p, int64_t u0, int64_t u1, VideoScoresScratch& s) {
-  switch (p.elem) {
-    case Elem::F32:
-      video_units_typed<V, Elem::F32>(p, u0, u1, s);
-      break;
-    case Elem::BF16:
-      video_units_typed<V, Elem::BF16>(p, u0, u1, s);
-      break;
-    case Elem::F16:
-      video_units_typed<V, Elem::F16>(p, u0, u1, s);
-      break;
-  }
+  dispatch_elem<RunUnits, V>(p, u0, u1, s);
+}
+template <class V>
+void unit_pass1(const VideoScoresProblem& p, int64_t u, int64_t i0, int64_t i1, double* S, double* acc,
+                float* row_a, float* row_b) {
+  dispatch_elem<RunPass1, V>(p, u, i0, i1, S, acc, row_a, row_b);
+}
+template <class V>
+void unit_pass2(const VideoScoresProblem& p, int64_t u, int64_t i0, int64_t i1, const double* mean, double mm,
+                const double* acc, float* row_a, float* row_b) {
+  dispatch_elem<RunPass2, V>(p, u, i0, i1, mean, mm, acc, row_a, row_b);
 }
 
 }  // namespace

@@ -12,16 +12,15 @@
 // flat indices b*L + l; x is read in place through its strides (no gathered copy of the rows: on the
 // CPU writing [N, D] temporaries costs more than the arithmetic).
 //
-// Schedule (fp32/bf16/fp16): units of work, in parallel. A segment whose successor has its size, only
-// paired tokens, and pairs token i with the segment's token i (a chunk's second frame, as the pipeline
-// lays them out) forms one unit with it. A unit is processed in column blocks of D small enough for the
-// L2 cache: one pass reads both frames' block (the second frame's partial temporal dots, the first
-// frame's sum and norms), a second pass reads the first frame's block again, from cache, for the
-// partial dots with the mean's block; so each frame comes from memory once. Any other segment is a
-// unit alone. The inner loops
-// live in csrc/cpu_simd_*.cpp, built for the portable baseline, AVX2 and AVX-512; the best one the CPU
-// runs is picked per call (OMNISIFT_CPU_ISA=base|avx2|avx512 caps it, for tests; OMNISIFT_CPU_BASELINE=1
-// is the same as base).
+// Schedule (fp32/bf16/fp16): units of work. A segment whose successor has its size, only paired
+// tokens, and pairs token i with the segment's token i (a chunk's second frame, as the pipeline lays
+// them out) forms one unit with it; any other segment is a unit alone. Pass 1 reads a unit's two frames
+// side by side (the second frame's temporal dots, the first frame's sum and norms), pass 2 reads the
+// first frame again, mostly from cache, for the dots with its mean. With many units, whole units run
+// per thread; with few (a short clip, one big segment), each unit's positions are split over the
+// threads. The inner loops live in csrc/cpu_simd_*.cpp, built for the portable baseline, AVX2 and
+// AVX-512; the best one the CPU runs is picked per call (OMNISIFT_CPU_ISA=base|avx2|avx512 caps it, for
+// tests; OMNISIFT_CPU_BASELINE=1 is the same as base).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -92,6 +91,15 @@ void video_scores_units(const at::Tensor& x, const at::Tensor& token_index, cons
   TORCH_CHECK_VALUE(off[0] == 0 && off[S] == N, "video_scores_cpu: seg_offsets must run from 0 to N=", N,
                     ", got ", off[0], " to ", off[S]);
   int64_t nonfinite = -1;
+  // Host-side checks (cheap next to the row reads): offsets non-decreasing, indices inside [0, B*L).
+  const int64_t BL = x.size(0) * x.size(1);
+  for (int64_t s = 0; s < S; ++s) {
+    TORCH_CHECK_VALUE(off[s + 1] >= off[s], "video_scores_cpu: seg_offsets must be non-decreasing");
+  }
+  for (int64_t i = 0; i < N; ++i) {
+    TORCH_CHECK_VALUE(tok[i] >= 0 && tok[i] < BL && pair[i] < BL, "video_scores_cpu: token_index[", i, "] = ",
+                      tok[i], " / pair_index[", i, "] = ", pair[i], " outside [0, B*L = ", BL, ")");
+  }
   // Units: a saliency-only segment followed by its index-wise partner is fused.
   std::vector<int64_t> unit_seg;
   std::vector<uint8_t> unit_fused;
@@ -100,7 +108,6 @@ void video_scores_units(const at::Tensor& x, const at::Tensor& token_index, cons
   int64_t max_seg = 0;
   for (int64_t s = 0; s < S; ++s) {
     const int64_t a = off[s], n = off[s + 1] - a;
-    TORCH_CHECK_VALUE(n >= 0, "video_scores_cpu: seg_offsets must be non-decreasing");
     max_seg = std::max(max_seg, n);
     bool fuse = n > 0 && s + 1 < S && off[s + 2] - off[s + 1] == n;
     for (int64_t i = 0; i < n && fuse; ++i) fuse = pair[a + i] < 0 && pair[a + n + i] == tok[a + i];
@@ -114,12 +121,49 @@ void video_scores_units(const at::Tensor& x, const at::Tensor& token_index, cons
                                 after_unit_ctx};
   const simd::Loops& loops = cpu_loops();
   const int64_t U = static_cast<int64_t>(unit_seg.size());
-  at::parallel_for(0, U, 1, [&](int64_t u0, int64_t u1) {
-    std::vector<double> acc(static_cast<size_t>(D + 4 * max_seg));
-    std::vector<float> rows(static_cast<size_t>(2 * D));
-    simd::VideoScoresScratch scratch{acc.data(), rows.data(), rows.data() + D, acc.data() + D};
-    loops.video_scores_units(prob, u0, u1, scratch);
-  });
+  const int64_t threads = at::get_num_threads();
+  if (U >= 2 * threads) {
+    // Many units: whole units per thread (each unit's rows stay in its thread's cache).
+    at::parallel_for(0, U, 1, [&](int64_t u0, int64_t u1) {
+      std::vector<double> acc(static_cast<size_t>(D + 3 * max_seg));
+      std::vector<float> rows(static_cast<size_t>(2 * D));
+      simd::VideoScoresScratch scratch{acc.data(), rows.data(), rows.data() + D, acc.data() + D};
+      loops.video_scores_units(prob, u0, u1, scratch);
+    });
+  } else {
+    // Few units (one big segment, a short clip): each unit's positions split over the threads; the
+    // mean is the sum of per-thread partial sums, added in thread order.
+    std::vector<double> acc(static_cast<size_t>(3 * max_seg));
+    std::vector<double> partial(static_cast<size_t>(threads * D));
+    std::vector<double> mean(static_cast<size_t>(D));
+    for (int64_t u = 0; u < U; ++u) {
+      const int64_t seg = unit_seg[u], a = off[seg], n = off[seg + 1] - a;
+      if (n <= 0) continue;
+      bool needs_mean = unit_fused[u] != 0;
+      for (int64_t i = 0; i < n && !needs_mean; ++i) needs_mean = pair[a + i] < 0;
+      double mm = 0.0;
+      if (needs_mean) {
+        std::fill(partial.begin(), partial.end(), 0.0);
+        at::parallel_for(0, n, 8, [&](int64_t i0, int64_t i1) {
+          std::vector<float> rows(static_cast<size_t>(2 * D));
+          double* S = partial.data() + static_cast<int64_t>(at::get_thread_num()) * D;
+          loops.unit_pass1(prob, u, i0, i1, S, acc.data(), rows.data(), rows.data() + D);
+        });
+        const double inv = 1.0 / static_cast<double>(n);
+        for (int64_t d = 0; d < D; ++d) {
+          double sum = 0.0;
+          for (int64_t t = 0; t < threads; ++t) sum += partial[t * D + d];
+          mean[d] = sum * inv;
+          mm += mean[d] * mean[d];
+        }
+      }
+      at::parallel_for(0, n, 8, [&](int64_t i0, int64_t i1) {
+        std::vector<float> rows(static_cast<size_t>(2 * D));
+        loops.unit_pass2(prob, u, i0, i1, mean.data(), mm, acc.data(), rows.data(), rows.data() + D);
+      });
+      if (after_unit) after_unit(after_unit_ctx, seg, unit_fused[u] ? 2 : 1);
+    }
+  }
   TORCH_CHECK_VALUE(nonfinite < 0, "video_scores_cpu: x holds NaN or Inf values (the row of flat token ", nonfinite,
                     ")");
 }
@@ -245,7 +289,7 @@ void keep_gather_after_unit(void* ctx_ptr, int64_t first_segment, int64_t num_se
   const auto& c = *static_cast<const KeepGatherCtx*>(ctx_ptr);
   std::vector<int64_t> order;
   for (int64_t s = first_segment; s < first_segment + num_segments; ++s) {
-    const int64_t a = c.off[s], n = c.off[s + 1] - a, k = std::min(c.drop[s], n);
+    const int64_t a = c.off[s], n = c.off[s + 1] - a, k = std::clamp<int64_t>(c.drop[s], 0, n);
     for (int64_t i = 0; i < n; ++i) c.keep[a + i] = true;
     if (k > 0) {
       order.resize(static_cast<size_t>(n));
@@ -308,9 +352,9 @@ std::tuple<at::Tensor, at::Tensor> video_keep_gather_cpu(const at::Tensor& x, co
   int64_t kept = 0;
   for (int64_t s = 0; s < S; ++s) {
     const int64_t n = offp[s + 1] - offp[s];
-    TORCH_CHECK_VALUE(n >= 0 && drp[s] >= 0, "video_keep_gather_cpu: seg_offsets must be non-decreasing and drop >= 0");
+    TORCH_CHECK_VALUE(n >= 0, "video_keep_gather_cpu: seg_offsets must be non-decreasing");
     kept_offset[s] = kept;
-    kept += n - std::min(drp[s], n);
+    kept += n - std::clamp<int64_t>(drp[s], 0, n);  // drop <= 0 drops nothing (as segmented_topk_mask)
   }
   at::Tensor keep = at::empty({N}, x.options().dtype(at::kBool));
   at::Tensor rows = at::empty({kept, D}, x.options().dtype(rows_fp32 ? at::kFloat : x.scalar_type()));
@@ -331,9 +375,12 @@ std::tuple<at::Tensor, at::Tensor> video_keep_gather_cpu(const at::Tensor& x, co
 at::Tensor all_finite_cpu(const at::Tensor& x, const std::optional<at::Tensor>& skip_rows) {
   at::Tensor out = at::empty({}, x.options().dtype(at::kBool));
   const at::ScalarType t = x.scalar_type();
-  if (!at::isFloatingType(t)) {
+  if (!at::isFloatingType(t) && !at::isComplexType(t)) {  // integers and bool are always finite
     out.fill_(true);
     return out;
+  }
+  if (t != at::kFloat && t != at::kBFloat16 && t != at::kHalf && t != at::kDouble) {
+    return at::isfinite(x).all();  // float8 and other rare dtypes: no inner loop here
   }
   std::atomic<bool> finite{true};
   if (skip_rows.has_value()) {

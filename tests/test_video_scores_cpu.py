@@ -172,6 +172,13 @@ def test_all_finite_cpu(dtype, cpu_isa):
     assert bool(torch.ops.omnisift.all_finite_cpu(base[:, ::2]))        # the NaN is not in the view
     assert not bool(torch.ops.omnisift.all_finite_cpu(base[:, 1::2]))   # it is here
     assert bool(torch.ops.omnisift.all_finite_cpu(torch.arange(10)))    # integers are finite
+    z = torch.zeros(5, dtype=torch.complex64)
+    assert bool(torch.ops.omnisift.all_finite_cpu(z))
+    z[2] = complex(0.0, float("inf"))
+    assert not bool(torch.ops.omnisift.all_finite_cpu(z))               # complex: checked too
+    if hasattr(torch, "float8_e5m2"):
+        f8 = torch.tensor([1.0, float("inf")]).to(torch.float8_e5m2)
+        assert not bool(torch.ops.omnisift.all_finite_cpu(f8))
     assert torch.ops.omnisift.all_finite_cpu(x[:0]).dtype == torch.bool
 
 
@@ -222,8 +229,8 @@ def test_keep_gather_equals_scores_topk_and_gather(dtype, layout, rows_fp32, cpu
     x = base[:, :, :D].contiguous() if layout == "contiguous" else base[:, :, ::2]
     tok, off, pair = _layout_with_pairs(B, L, [7, 7, 0, 1, 12, 12, 5, 3], seed=1)
     sizes = off[1:] - off[:-1]
-    drop = torch.tensor([3, 3, 0, 1, 5, 12, 0, 2])  # some none, one whole segment, one all-but-one
-    drop = torch.minimum(drop, sizes)
+    drop = torch.tensor([3, 3, 0, 1, 5, 12, -1, 2])  # none (0, -1), one whole segment, one all-but-one
+    drop = torch.minimum(drop, sizes)  # (a negative count drops nothing, as in segmented_topk_mask)
     keep, rows = torch.ops.omnisift.video_keep_gather_cpu(x, tok, off, pair, drop, rows_fp32=rows_fp32)
     keep_e, rows_e = _keep_gather_expected(x, tok, off, pair, drop, rows_fp32)
     assert torch.equal(keep, keep_e)
@@ -265,3 +272,44 @@ def test_keep_gather_checks_finiteness_and_arguments():
     keep, rows = torch.ops.omnisift.video_keep_gather_cpu(x, tok[:0], torch.tensor([0]), pair[:0],
                                                           torch.zeros(0, dtype=torch.int64))
     assert keep.shape == (0,) and rows.shape == (0, 8)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_few_units_split_over_threads(threads, dtype, cpu_isa):
+    """One or two units (a short clip, one big segment): positions split over the threads, with the
+    mean from per-thread partial sums; equal to the torch path and to the one-thread result."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 300, 40, generator=g).to(dtype)
+    tok = torch.arange(300)
+    cases = {
+        "one saliency segment": (torch.tensor([0, 300]), torch.full_like(tok, -1)),
+        "one fused chunk": (torch.tensor([0, 150, 300]), torch.cat([torch.full((150,), -1), tok[:150]])),
+        "pairs only": (torch.tensor([0, 300]), torch.flip(tok, [0])),
+    }
+    old = torch.get_num_threads()
+    try:
+        for name, (off, pair) in cases.items():
+            torch.set_num_threads(threads)
+            got = torch.ops.omnisift.video_scores_cpu(x, tok, off, pair)
+            assert_close_scores(got, video_ops.video_scores_torch(x, tok, off, pair), dtype, msg=name)
+            drop = (off[1:] - off[:-1]) // 3
+            keep, rows = torch.ops.omnisift.video_keep_gather_cpu(x, tok, off, pair, drop)
+            keep_e, rows_e = _keep_gather_expected(x, tok, off, pair, drop, False)
+            assert torch.equal(keep, keep_e) and torch.equal(rows, rows_e), name
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_bad_indices_raise_instead_of_reading_out_of_bounds():
+    x = torch.randn(1, 8, 4)
+    one = torch.full((2,), -1)
+    with pytest.raises(ValueError, match="outside"):
+        torch.ops.omnisift.video_scores_cpu(x, torch.tensor([0, 10**9]), torch.tensor([0, 2]), one)
+    with pytest.raises(ValueError, match="outside"):
+        torch.ops.omnisift.video_scores_cpu(x, torch.tensor([0, 1]), torch.tensor([0, 2]), torch.tensor([-1, 8]))
+    with pytest.raises(ValueError, match="non-decreasing"):
+        torch.ops.omnisift.video_scores_cpu(x, torch.arange(3), torch.tensor([0, 2, 1, 3]), torch.full((3,), -1))
+    with pytest.raises(ValueError, match="outside"):
+        torch.ops.omnisift.video_scores_cpu(torch.randn(1, 0, 4), torch.tensor([0]), torch.tensor([0, 1]),
+                                            torch.tensor([-1]))

@@ -7,21 +7,22 @@ by the stride, so ``T*D`` beyond 2^31 elements is fine. ``x`` is never made cont
 
 Cosine (``F.cosine_similarity`` in torch 2.13, eps = 1e-8)::
 
-    cos(a, b) = <a, b> / (max(|a|, eps) * max(|b|, eps))      (fp32 accumulation)
+    cos(a, b) = <a, b> / (max(|a|, eps) * max(|b|, eps))      (fp64 accumulation, fp32 result)
 
-so a zero vector scores exactly 0 and never NaN.
+so a zero vector scores exactly 0 and never NaN. Every sum is accumulated in fp64 and the cosine
+rounded to fp32, as the reference and the CPU kernels do, so near ties rank alike on every backend.
 
 Kernels
 -------
 ``_segment_mean_kernel``  grid ``(S, cdiv(D, BLOCK_D))``. Program (s, j) sums the rows of segment s
-    over the feature slice j in a ``[BLOCK_T, BLOCK_D]`` fp32 register tile (loop over the segment's
-    tokens, runtime trip count), then writes ``mean[s, slice]`` (fp32, ``[S, D]``). Deterministic
+    over the feature slice j in a ``[BLOCK_T, BLOCK_D]`` fp64 register tile (loop over the segment's
+    tokens, runtime trip count), then writes ``mean[s, slice]`` (fp64, ``[S, D]``). Deterministic
     (no atomics: the summation order is fixed). Reads every row of the segment once.
     With ``HAS_PAIR`` (fused op) a segment none of whose tokens needs the mean (all have a
     temporal partner) is skipped after a scan of its ``pair_index`` (8 bytes per token).
 ``_cosine_kernel``  grid ``(cdiv(n_lanes, BLOCK_T),)``. Each program takes ``BLOCK_T`` lanes and
     loops over D in ``BLOCK_D`` slices (coalesced along D), accumulating dot products and squared
-    norms in fp32 register tiles; one reduction at the end. Modes:
+    norms in fp64 register tiles; one reduction at the end. Modes:
 
     * ``SALIENCY``: lane p = position in ``token_index``; other vector = its segment's mean
       (segment found by a binary search of ``seg_offsets``, ``ceil(log2 S)+1`` cached loads).
