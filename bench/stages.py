@@ -246,7 +246,7 @@ def pipeline_stages(case, backend: str) -> dict[str, Callable[[], Any]]:
 
     ``plan`` = ``build_plan`` + ``read_sizes`` (the call's one host read) + ``index_plan``;
     ``video_scores+select`` = ``video_keep`` (fused scores and segmented selection), on the CPU with
-    the extension ``video_keep_gather_cpu`` (which also gathers the survivors' rows for the selector,
+    the extension ``video_keep_gather`` (which also gathers the survivors' rows for the selector,
     as the end-to-end call does); ``selector`` = ``audio_scores``; ``audio_select`` = ``audio_keep``; ``gather`` = ``assemble`` (keep mask, gather
     with the STE, positions, labels, cu_seqlens), packed output.
     """
@@ -267,15 +267,12 @@ def pipeline_stages(case, backend: str) -> dict[str, Callable[[], Any]]:
     p, sizes, index = plan()
     run_selector = sel is not None and sizes.num_audio_assigned and sizes.num_chunks
     # As fast_compress does: on the CPU with the extension, the video stage also gathers the
-    # survivors' rows for the selector (video_keep_gather_cpu), and the selector stage takes them.
-    fused = (backend == "cpu" and run_selector and hasattr(PL, "_fused_keep_gather")
-             and PL._fused_keep_gather(x, "cpu"))
+    # survivors' rows for the selector (video_keep_gather), and the selector stage takes them.
+    fused = backend == "cpu" and run_selector and PL.keep_gather_serves(x, "cpu")
 
     def video():
         if fused:
-            return torch.ops.omnisift.video_keep_gather_cpu(
-                x, index.video_index, index.frame_offsets, index.pair_index, index.frame_drop,
-                rows_fp32=sel.param_dtype == torch.float32)
+            return PL.video_keep_gather(x, index, sel.param_dtype)
         return PL.video_keep(x, index)
 
     keep_v, video_rows = video() if fused else (video(), None)

@@ -28,6 +28,7 @@ struct VideoScoresProblem {
   const int64_t* pair_index;   // [N], < 0: saliency (cosine with the segment's mean)
   const int64_t* unit_seg;     // [U]
   const uint8_t* unit_fused;   // [U]
+  const uint8_t* unit_needs_mean;  // [U]: fused, or some token of the segment has pair_index < 0
   int64_t max_segment;         // largest segment size
   bool check_finite;           // flag rows holding NaN/Inf in *nonfinite_token
   int64_t* nonfinite_token;    // -1, or (when check_finite) the flat index of some non-finite row

@@ -12,7 +12,6 @@ namespace {
 struct VecAvx2 {
   static constexpr int W = 8;
   using reg = __m256;
-  static reg zero() { return _mm256_setzero_ps(); }
   template <Elem E>
   static reg load(const typename ElemType<E>::type* p) {
     if constexpr (E == Elem::F32) {
@@ -25,16 +24,6 @@ struct VecAvx2 {
         return _mm256_cvtph_ps(h);
       }
     }
-  }
-  static reg loadf(const float* p) { return _mm256_loadu_ps(p); }
-  static void storef(float* p, reg a) { _mm256_storeu_ps(p, a); }
-  static reg fma(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
-  static reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
-  static float hsum(reg v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    return _mm_cvtss_f32(s);
   }
   using dreg = __m256d;
   static dreg dzero() { return _mm256_setzero_pd(); }

@@ -12,7 +12,6 @@ namespace {
 struct VecAvx512 {
   static constexpr int W = 16;
   using reg = __m512;
-  static reg zero() { return _mm512_setzero_ps(); }
   template <Elem E>
   static reg load(const typename ElemType<E>::type* p) {
     if constexpr (E == Elem::F32) {
@@ -26,11 +25,6 @@ struct VecAvx512 {
       }
     }
   }
-  static reg loadf(const float* p) { return _mm512_loadu_ps(p); }
-  static void storef(float* p, reg a) { _mm512_storeu_ps(p, a); }
-  static reg fma(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
-  static reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
-  static float hsum(reg v) { return _mm512_reduce_add_ps(v); }
   using dreg = __m512d;
   static dreg dzero() { return _mm512_setzero_pd(); }
   static dreg lo(reg a) { return _mm512_cvtps_pd(_mm512_castps512_ps256(a)); }

@@ -1,5 +1,5 @@
-// The portable build of the CPU inner loops (any CPU): 8 fp32 lanes in plain arrays, which the
-// compiler maps onto the baseline vector registers (SSE2 on x86-64) without reassociating sums.
+// The portable build of the CPU inner loops (any CPU): 8 fp32 lanes widened to 2 x 4 fp64 lanes in
+// plain arrays, which the compiler maps onto the baseline vector registers (SSE2 on x86-64).
 #include "cpu_simd_impl.h"
 
 namespace omnisift {
@@ -11,33 +11,11 @@ struct VecBase {
   struct reg {
     float v[W];
   };
-  static reg zero() {
-    reg r;
-    for (int j = 0; j < W; ++j) r.v[j] = 0.f;
-    return r;
-  }
   template <Elem E>
   static reg load(const typename ElemType<E>::type* p) {
     reg r;
     for (int j = 0; j < W; ++j) r.v[j] = to_f32<E>(p[j]);
     return r;
-  }
-  static reg loadf(const float* p) { return load<Elem::F32>(p); }
-  static void storef(float* p, reg a) {
-    for (int j = 0; j < W; ++j) p[j] = a.v[j];
-  }
-  static reg fma(reg a, reg b, reg c) {
-    for (int j = 0; j < W; ++j) c.v[j] += a.v[j] * b.v[j];
-    return c;
-  }
-  static reg add(reg a, reg b) {
-    for (int j = 0; j < W; ++j) a.v[j] += b.v[j];
-    return a;
-  }
-  static float hsum(reg a) {
-    float s = 0.f;
-    for (int j = 0; j < W; ++j) s += a.v[j];
-    return s;
   }
   // fp64 halves of a reg.
   struct dreg {

@@ -255,8 +255,7 @@ struct UnitKernel {
     n = p.seg_offsets[seg + 1] - a0;
     fused = p.unit_fused[u] != 0;
     b0 = fused ? p.seg_offsets[seg + 1] : 0;
-    needs_mean = fused;
-    for (int64_t i = 0; i < n && !needs_mean; ++i) needs_mean = p.pair_index[a0 + i] < 0;
+    needs_mean = p.unit_needs_mean[u] != 0;
   }
   const void* raw_row(int64_t t) const {
     const int64_t b = t / p.L;

@@ -102,22 +102,26 @@ void video_scores_units(const at::Tensor& x, const at::Tensor& token_index, cons
   }
   // Units: a saliency-only segment followed by its index-wise partner is fused.
   std::vector<int64_t> unit_seg;
-  std::vector<uint8_t> unit_fused;
+  std::vector<uint8_t> unit_fused, unit_needs_mean;
   unit_seg.reserve(S);
   unit_fused.reserve(S);
+  unit_needs_mean.reserve(S);
   int64_t max_seg = 0;
   for (int64_t s = 0; s < S; ++s) {
     const int64_t a = off[s], n = off[s + 1] - a;
     max_seg = std::max(max_seg, n);
     bool fuse = n > 0 && s + 1 < S && off[s + 2] - off[s + 1] == n;
     for (int64_t i = 0; i < n && fuse; ++i) fuse = pair[a + i] < 0 && pair[a + n + i] == tok[a + i];
+    bool needs_mean = fuse;
+    for (int64_t i = 0; i < n && !needs_mean; ++i) needs_mean = pair[a + i] < 0;
     unit_seg.push_back(s);
     unit_fused.push_back(fuse ? 1 : 0);
+    unit_needs_mean.push_back(needs_mean ? 1 : 0);
     if (fuse) ++s;  // the partner segment belongs to this unit
   }
   simd::VideoScoresProblem prob{x.const_data_ptr(), elem_of(x.scalar_type()), x.size(1), D, x.stride(0),
                                 x.stride(1), x.stride(2), tok, off, pair, unit_seg.data(), unit_fused.data(),
-                                max_seg, check_finite, &nonfinite, out.data_ptr<float>(), after_unit,
+                                unit_needs_mean.data(), max_seg, check_finite, &nonfinite, out.data_ptr<float>(), after_unit,
                                 after_unit_ctx};
   const simd::Loops& loops = cpu_loops();
   const int64_t U = static_cast<int64_t>(unit_seg.size());
@@ -139,10 +143,8 @@ void video_scores_units(const at::Tensor& x, const at::Tensor& token_index, cons
     for (int64_t u = 0; u < U; ++u) {
       const int64_t seg = unit_seg[u], a = off[seg], n = off[seg + 1] - a;
       if (n <= 0) continue;
-      bool needs_mean = unit_fused[u] != 0;
-      for (int64_t i = 0; i < n && !needs_mean; ++i) needs_mean = pair[a + i] < 0;
       double mm = 0.0;
-      if (needs_mean) {
+      if (unit_needs_mean[u]) {
         std::fill(partial.begin(), partial.end(), 0.0);
         at::parallel_for(0, n, 8, [&](int64_t i0, int64_t i1) {
           std::vector<float> rows(static_cast<size_t>(2 * D));

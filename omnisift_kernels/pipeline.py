@@ -7,7 +7,8 @@ Stages (each a function, testable alone; the benchmark times them one by one):
    :func:`~omnisift_kernels.plan.sizes_from_grid` (none).
 3. :func:`index_plan`: CSR token lists of frames and chunks, pairs of the temporal comparison.
 4. :func:`video_keep`: fused video scores + segmented selection (the ``k`` most redundant of each
-   frame dropped).
+   frame dropped); on the CPU with the extension :func:`video_keep_gather`, which also gathers the
+   survivors' rows for stage 5 in the same pass.
 5. :func:`audio_scores`: the selector on every chunk of every row at once (two projection matmuls
    over all audio and all surviving video, attention with a key padding mask).
 6. :func:`audio_keep`: segmented selection of the ``n_keep`` best audio tokens of every chunk.
@@ -114,12 +115,27 @@ def _split_finite_check(x: torch.Tensor, backend: str) -> bool:
             and not torch.compiler.is_compiling() and ops.video.cpu_kernel_serves(x))
 
 
-def _fused_keep_gather(x: torch.Tensor, backend: str) -> bool:
-    """Whether the fused C++ prune-and-gather kernel serves this call: the CPU backend with the
-    extension, no compile tracing, and no gradient wanted for ``x`` (the kernel's gathered rows are
-    not differentiable; the selector's gradient into the video embeddings needs the torch gather)."""
+def keep_gather_serves(x: torch.Tensor, backend: str) -> bool:
+    """Whether :func:`video_keep_gather` (the fused C++ prune-and-gather kernel) serves this call: the
+    CPU backend with the extension, no compile tracing, and no gradient wanted for ``x`` (the gathered
+    rows are not differentiable; the selector's gradient into the video embeddings needs the torch
+    gather)."""
     return (_split_finite_check(x, backend) and ext_has_kernel("video_keep_gather_cpu", "CPU")
             and not (torch.is_grad_enabled() and x.requires_grad))
+
+
+def video_keep_gather(x: torch.Tensor, index: IndexPlan, rows_dtype: torch.dtype,
+                      check_finite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage 4 plus the survivors' rows, in one C++ pass (see :func:`keep_gather_serves`).
+
+    Returns:
+        ``(keep [Nv] bool, rows [Nv_kept, D])``: :func:`video_keep`'s mask, and the rows of the kept
+        video tokens in ``video_index`` order, gathered right after their chunk is scored (from
+        cache), in fp32 when ``rows_dtype`` is fp32, else in ``x``'s dtype.
+    """
+    return torch.ops.omnisift.video_keep_gather_cpu(
+        x, index.video_index, index.frame_offsets, index.pair_index, index.frame_drop,
+        rows_fp32=rows_dtype == torch.float32, check_finite=check_finite)
 
 
 def video_keep(x: torch.Tensor, index: IndexPlan, check_finite: bool = False) -> torch.Tensor:
@@ -351,12 +367,8 @@ def fast_compress(
         score = selector is not None and sizes.num_audio_assigned and sizes.num_chunks
         video_rows = None
         try:
-            if score and _fused_keep_gather(inputs_embeds, backend):
-                # One C++ pass: scores, the per-frame cut, and the survivors' rows for the selector
-                # (gathered from cache, already in the selector's dtype when that is fp32).
-                keep_v, video_rows = torch.ops.omnisift.video_keep_gather_cpu(
-                    inputs_embeds, index.video_index, index.frame_offsets, index.pair_index, index.frame_drop,
-                    rows_fp32=selector.param_dtype == torch.float32, check_finite=split)
+            if score and keep_gather_serves(inputs_embeds, backend):
+                keep_v, video_rows = video_keep_gather(inputs_embeds, index, selector.param_dtype, check_finite=split)
             else:
                 keep_v = video_keep(inputs_embeds, index, check_finite=split)
         except ValueError as e:

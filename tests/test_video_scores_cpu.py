@@ -213,9 +213,7 @@ def _keep_gather_expected(x, tok, off, pair, drop, rows_fp32):
 
     scores = torch.ops.omnisift.video_scores_cpu(x, tok, off, pair)
     keep = ~segmented_topk_mask(scores, off, drop)
-    rows = x.reshape(-1, x.shape[-1])[tok[keep]] if x.is_contiguous() else \
-        torch.stack([x[int(t) // x.shape[1], int(t) % x.shape[1]] for t in tok[keep]]) if keep.any() else \
-        x.new_zeros(0, x.shape[-1])
+    rows = video_ops.token_rows(x, tok[keep])
     return keep, (rows.float() if rows_fp32 else rows)
 
 
