@@ -141,6 +141,15 @@ class Runner:
         t = self.time(lambda i: fns[i](), len(fns))
         r = self.row(S.FLOOR, "torch F.linear x2", wl, dt, preset, timing=t)
         self.add_traffic(r, S.FLOOR, self.info)
+        if self.device.type == "cpu":
+            # The same two projections with the GEMM the fast path picks on this CPU (cpu_gemm).
+            from omnisift_kernels.cpu_gemm import gemm_policy
+
+            pol = gemm_policy()
+            lib_fns = [S.floor_callable(c, self.ref_masks[id(c)], library=True) for c in cases]
+            t = self.time(lambda i: lib_fns[i](), len(lib_fns))
+            r = self.row(S.FLOOR, f"cpu_gemm x2 ({pol['fp32']}, half {pol['half']})", wl, dt, preset, timing=t)
+            self.add_traffic(r, S.FLOOR, self.info)
         progress.update(1)
 
     def run_group(self, wl, dt, preset, cases, ops, progress):

@@ -65,10 +65,25 @@ def build_summary() -> str:
         return f"build_info unavailable ({type(exc).__name__}: {exc})"
 
 
+def cpu_choices() -> str:
+    """The fast path's CPU choices in force: the selector's GEMM library and half precision handling
+    (omnisift_kernels.cpu_gemm) and the extension's huge-page outputs (csrc/cpu_alloc.h)."""
+    try:
+        from omnisift_kernels.cpu_gemm import gemm_policy
+
+        pol = gemm_policy()
+        gemm = f"cpu gemm {pol['fp32']}, half {pol['half']}"
+    except Exception as exc:
+        gemm = f"cpu gemm unknown ({type(exc).__name__})"
+    hp = os.environ.get("OMNISIFT_CPU_HUGEPAGES", "1").strip().lower() not in ("0", "false", "off")
+    return f"{gemm} | hugepage outputs {'on' if hp else 'off'}"
+
+
 def environment(device: torch.device) -> dict:
     """The fields every JSON row carries."""
     return {
         "device": str(device),
+        "cpu_choices": cpu_choices() if device.type == "cpu" else None,
         "device_name": device_name(device),
         "torch": torch.__version__,
         "triton": triton_version(),
@@ -83,4 +98,5 @@ def header_line(env: dict) -> str:
     return (
         f"device {env['device_name']} ({env['device']}) | torch {env['torch']} | triton {env['triton']} | "
         f"CUDA {env['cuda']} | commit {env['commit']} | {build_summary()}"
+        + (f" | {env['cpu_choices']}" if env.get("cpu_choices") else "")
     )

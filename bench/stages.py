@@ -272,7 +272,7 @@ def pipeline_stages(case, backend: str) -> dict[str, Callable[[], Any]]:
 
     def video():
         if fused:
-            return PL.video_keep_gather(x, index, sel.param_dtype)
+            return PL.video_keep_gather(x, index, PL.selector_rows_dtype(x, sel))
         return PL.video_keep(x, index)
 
     keep_v, video_rows = video() if fused else (video(), None)
@@ -305,20 +305,29 @@ def pipeline_stages(case, backend: str) -> dict[str, Callable[[], Any]]:
     return out
 
 
-def floor_callable(case, keep_mask) -> Callable[[], Any]:
+def floor_callable(case, keep_mask, library: bool = False) -> Callable[[], Any]:
     """The two selector projections as two matmuls: over the surviving video tokens (``keep_mask``
-    of the reference) and all audio tokens, the least any implementation of the selector computes."""
+    of the reference) and all audio tokens, the least any implementation of the selector computes.
+
+    ``library``: with :func:`omnisift_kernels.cpu_gemm.linear` (the GEMM the fast path uses on the
+    CPU) instead of ``F.linear``; rows already in the dtype that GEMM reads."""
     kw = case.kwargs()
     sel = kw["selector"]
     x, ids = kw["inputs_embeds"], kw["input_ids"]
     valid = kw["attention_mask"].bool()
     dt = sel.v_proj.weight.dtype
+    linear = F.linear
+    if library:
+        from omnisift_kernels.cpu_gemm import linear
+        from omnisift_kernels.pipeline import selector_rows_dtype
+
+        dt = selector_rows_dtype(x, sel)
     video = x[(ids == kw["video_token_id"]) & valid & keep_mask].to(dt).contiguous()
     audio = x[(ids == kw["audio_token_id"]) & valid].to(dt).contiguous()
     wv, bv, wa, ba = sel.v_proj.weight, sel.v_proj.bias, sel.a_proj.weight, sel.a_proj.bias
 
     def floor():
-        return F.linear(video, wv, bv), F.linear(audio, wa, ba)
+        return linear(video, wv, bv), linear(audio, wa, ba)
 
     return floor
 

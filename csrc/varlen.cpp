@@ -15,6 +15,8 @@
 
 #include "varlen.h"
 
+#include "cpu_alloc.h"
+
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
@@ -135,7 +137,7 @@ CompactResult varlen_compact_cpu(const at::Tensor& x_in, const at::Tensor& keep_
     }
   });
 
-  auto packed = at::empty({T, D}, x.options());
+  auto packed = empty_cpu_output({T, D}, x.options());
   const int64_t isz = static_cast<int64_t>(x.element_size());
   const int64_t row_bytes = D * isz;
   const int64_t sb = x.stride(0) * isz, sl = x.stride(1) * isz;
@@ -214,7 +216,7 @@ at::Tensor varlen_gather_cpu(const at::Tensor& src_in, const at::Tensor& indices
   const int64_t N = src_in.size(0), D = src_in.size(1), T = indices_in.size(0);
   const at::Tensor src = (src_in.stride(1) == 1 || D <= 1) ? src_in : src_in.contiguous();
   const at::Tensor indices = indices_in.contiguous();
-  auto out = at::empty({T, D}, src.options());
+  auto out = empty_cpu_output({T, D}, src.options());
   const int64_t isz = static_cast<int64_t>(src.element_size()), row_bytes = D * isz;
   const int64_t ss = src.stride(0) * isz;
   const char* sp = static_cast<const char*>(src.const_data_ptr());

@@ -21,6 +21,8 @@
 // threads. The inner loops live in csrc/cpu_simd_*.cpp, built for the portable baseline, AVX2 and
 // AVX-512; the best one the CPU runs is picked per call (OMNISIFT_CPU_ISA=base|avx2|avx512 caps it, for
 // tests; OMNISIFT_CPU_BASELINE=1 is the same as base).
+#include "cpu_alloc.h"
+
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -359,7 +361,7 @@ std::tuple<at::Tensor, at::Tensor> video_keep_gather_cpu(const at::Tensor& x, co
     kept += n - std::clamp<int64_t>(drp[s], 0, n);  // drop <= 0 drops nothing (as segmented_topk_mask)
   }
   at::Tensor keep = at::empty({N}, x.options().dtype(at::kBool));
-  at::Tensor rows = at::empty({kept, D}, x.options().dtype(rows_fp32 ? at::kFloat : x.scalar_type()));
+  at::Tensor rows = empty_cpu_output({kept, D}, x.options().dtype(rows_fp32 ? at::kFloat : x.scalar_type()));
   at::Tensor scores = at::empty({N}, x.options().dtype(at::kFloat));
   if (N == 0) return {keep, rows};
   KeepGatherCtx ctx{scores.const_data_ptr<float>(), tok.const_data_ptr<int64_t>(), offp, drp, kept_offset.data(),

@@ -5,6 +5,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from . import _ext  # noqa: F401  (loads the compiled extension, or warns once)
+from . import cpu_gemm  # noqa: F401  (the selector's CPU GEMM choice)
 from ._build_info import BuildInfo, build_info
 from .api import compress
 from .presets import PRESETS, RatioPreset, get_preset

@@ -27,7 +27,9 @@ import os
 
 import torch
 
-from . import ops
+import torch.nn.functional as F
+
+from . import cpu_gemm, ops
 from ._ext import ext_has_kernel
 from ._validation import all_finite, check_finite
 from .plan import DevicePlan, PlanSizes, build_plan, read_sizes, sizes_from_grid
@@ -165,6 +167,16 @@ def _rows(x: torch.Tensor, flat_index: torch.Tensor) -> torch.Tensor:
     return x[flat_index // L, flat_index % L]
 
 
+def selector_rows_dtype(x: torch.Tensor, selector: VisionGuidedAudioSelector) -> torch.dtype:
+    """The dtype in which the selector's fast path takes gathered rows of ``x``: the parameters'
+    dtype, or fp32 when :func:`cpu_gemm.compute_dtype` widens half precision parameters and ``x`` is
+    already in that dtype (widening it is then exact, and the GEMM reads the rows once)."""
+    dtype = selector.param_dtype
+    if x.dtype == dtype and cpu_gemm.compute_dtype(dtype, x.device) == torch.float32:
+        return torch.float32
+    return dtype
+
+
 def audio_scores(
     x: torch.Tensor,
     selector: VisionGuidedAudioSelector,
@@ -186,6 +198,7 @@ def audio_scores(
     C, H = sizes.num_chunks, selector.hidden_dim
     dev = x.device
     dtype = selector.param_dtype
+    linear = cpu_gemm.linear if dev.type == "cpu" else F.linear
     uniform_video = sizes.max_chunk_video >= 1 and sizes.num_video_kept == C * sizes.max_chunk_video
     if video_rows is None or not uniform_video:
         # Surviving video, grouped by chunk (video_index is ascending, so chunks are contiguous runs).
@@ -195,12 +208,14 @@ def audio_scores(
         video_rank = torch.arange(video_flat.shape[0], device=dev) - _offsets(plan.chunk_video_kept[:C])[video_chunk]
     if video_rows is None:
         video_rows = _rows(x, video_flat)
-    v = selector.v_norm(selector.v_proj(video_rows.to(dtype)))
+    if video_rows.dtype != selector_rows_dtype(x, selector):
+        video_rows = video_rows.to(dtype)
+    v = selector.v_norm(linear(video_rows, selector.v_proj.weight, selector.v_proj.bias))
     n_assigned = sizes.num_audio_assigned
     audio_flat = index.audio_index[:n_assigned]
     audio_chunk = index.audio_chunk[:n_assigned]
     audio_rank = torch.arange(n_assigned, device=dev) - index.audio_offsets[audio_chunk]
-    a = selector.a_norm(selector.a_proj(_rows(x, audio_flat).to(dtype)))
+    a = selector.a_norm(linear(_rows(x, audio_flat).to(selector_rows_dtype(x, selector)), selector.a_proj.weight, selector.a_proj.bias))
     # Equal-sized chunks (known on the host: count == chunks x largest) are views of the projected
     # rows, which are grouped by chunk in chunk order; otherwise right-padded blocks and a key mask.
     if uniform_video:
@@ -217,8 +232,8 @@ def audio_scores(
         a_blocks = a.view(C, sizes.max_chunk_audio, H)
     else:
         a_blocks = a.new_zeros(C, max(sizes.max_chunk_audio, 1), H).index_put((audio_chunk, audio_rank), a)
-    attended = selector.attend(a_blocks, v_blocks, padding)
-    block_scores = selector._head(attended, a_blocks)
+    attended = selector.attend(a_blocks, v_blocks, padding, linear=linear)
+    block_scores = selector._head(attended, a_blocks, linear=linear)
     return block_scores.reshape(-1) if uniform_audio else block_scores[audio_chunk, audio_rank]
 
 
@@ -368,7 +383,8 @@ def fast_compress(
         video_rows = None
         try:
             if score and keep_gather_serves(inputs_embeds, backend):
-                keep_v, video_rows = video_keep_gather(inputs_embeds, index, selector.param_dtype, check_finite=split)
+                keep_v, video_rows = video_keep_gather(inputs_embeds, index, selector_rows_dtype(inputs_embeds, selector),
+                                                       check_finite=split)
             else:
                 keep_v = video_keep(inputs_embeds, index, check_finite=split)
         except ValueError as e:

@@ -62,9 +62,14 @@ class VisionGuidedAudioSelector(nn.Module):
                 f"got shape {tuple(t.shape)}"
             )
 
-    def _head(self, attended: torch.Tensor, audio_hidden: torch.Tensor) -> torch.Tensor:
+    def _head(self, attended: torch.Tensor, audio_hidden: torch.Tensor, linear=F.linear) -> torch.Tensor:
         x = self.post_attn_norm(attended + audio_hidden)
-        return torch.sigmoid(self.score_head(x)).squeeze(-1).float()
+        if linear is F.linear:
+            x = self.score_head(x)
+        else:
+            hidden, out = self.score_head[0], self.score_head[2]
+            x = linear(F.silu(linear(x, hidden.weight, hidden.bias)), out.weight, out.bias)
+        return torch.sigmoid(x).squeeze(-1).float()
 
     def forward(self, audio: torch.Tensor, video: torch.Tensor) -> torch.Tensor:
         """Scores one chunk: ``audio [La, D]`` against ``video [Lv, D]``.
@@ -127,21 +132,24 @@ class VisionGuidedAudioSelector(nn.Module):
         a = self.a_norm(self.a_proj(audio.to(dtype)))
         return self._head(self.attend(a, v, video_padding_mask), a)
 
-    def attend(self, a: torch.Tensor, v: torch.Tensor, video_padding_mask: torch.Tensor | None) -> torch.Tensor:
+    def attend(self, a: torch.Tensor, v: torch.Tensor, video_padding_mask: torch.Tensor | None,
+               linear=F.linear) -> torch.Tensor:
         """The cross attention of projected, normalised ``a [C, La, H]`` to ``v [C, Lv, H]``.
 
         Computed with ``scaled_dot_product_attention`` (the fast kernels) from ``cross_attn``'s packed
         weights; identical in math to ``nn.MultiheadAttention`` with a key padding mask
         (``video_padding_mask`` bool ``[C, Lv]``, True at padding; None: no padding).
+        ``linear``: computes the four projections (``F.linear``, or the fast path's
+        :func:`omnisift_kernels.cpu_gemm.linear`).
         """
         H, nh = self.hidden_dim, self.num_heads
         w_q, w_k, w_v = self.cross_attn.in_proj_weight.chunk(3)
         b_q, b_k, b_v = self.cross_attn.in_proj_bias.chunk(3)
         C, La, _ = a.shape
         Lv = v.shape[1]
-        q = F.linear(a, w_q, b_q).view(C, La, nh, H // nh).transpose(1, 2)
-        k = F.linear(v, w_k, b_k).view(C, Lv, nh, H // nh).transpose(1, 2)
-        val = F.linear(v, w_v, b_v).view(C, Lv, nh, H // nh).transpose(1, 2)
+        q = linear(a, w_q, b_q).view(C, La, nh, H // nh).transpose(1, 2)
+        k = linear(v, w_k, b_k).view(C, Lv, nh, H // nh).transpose(1, 2)
+        val = linear(v, w_v, b_v).view(C, Lv, nh, H // nh).transpose(1, 2)
         # Additive mask rather than bool: SDPA's math path treats both alike, this one is accepted by
         # every backend. -inf on padding only; every chunk has >= 1 real key, so no row is all -inf.
         bias = None
@@ -150,7 +158,7 @@ class VisionGuidedAudioSelector(nn.Module):
             bias = bias.masked_fill(video_padding_mask[:, None, None, :], float("-inf"))
         o = F.scaled_dot_product_attention(q, k, val, attn_mask=bias)
         o = o.transpose(1, 2).reshape(C, La, H)
-        return self.cross_attn.out_proj(o)
+        return linear(o, self.cross_attn.out_proj.weight, self.cross_attn.out_proj.bias)
 
 
 def count_parameters(module: nn.Module) -> int:

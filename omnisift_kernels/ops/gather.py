@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from .._ext import ext_has_kernel
 from ..triton_kernels import TRITON_AVAILABLE, use_triton
 from .video import check_device, check_embeddings, check_index, check_tensor, token_rows
 
@@ -26,7 +27,16 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def gather_rows_torch(x, indices):
-    """Torch path of the forward: a new contiguous ``[T, D]`` tensor (never aliases ``x``)."""
+    """CPU/torch path of the forward: a new contiguous ``[T, D]`` tensor (never aliases ``x``).
+
+    On the CPU with the extension, rows with unit stride go through ``omnisift::varlen_gather``:
+    the same row copy as ``index_select``, into a huge-page backed output when it is large (a fresh
+    34 MB output otherwise costs more in page faults than the copy; see csrc/cpu_alloc.h).
+    """
+    B, L, D = x.shape
+    if (x.device.type == "cpu" and x.stride(2) == 1 and (B == 1 or x.stride(0) == L * x.stride(1))
+            and ext_has_kernel("varlen_gather", "CPU")):
+        return torch.ops.omnisift.varlen_gather(x.as_strided((B * L, D), (x.stride(1), 1)), indices)
     return token_rows(x, indices).contiguous()
 
 

@@ -1,0 +1,143 @@
+"""Which library computes the selector's inference GEMMs on the CPU.
+
+The selector's projections are most of the fast path's time on the CPU (about 12 GFLOP at
+omni7b-20s, paper-35). Two choices matter there, both measured on this project's CPU VMs:
+
+* **fp32**: ATen's ``F.linear`` calls MKL. On AMD CPUs oneDNN's fp32 matmul
+  (``torch.ops.mkldnn._linear_pointwise``) is 15-30 % faster for the selector's large shapes
+  (Zen 3, 2 threads: ``[1980, 3584] x [3584, 512]`` 58 vs 66-72 ms, ``[1980, 512] x [512, 1024]``
+  17 vs 22 ms); on the Intel VMs it was not faster, so MKL stays there.
+* **bf16/fp16** parameters on a CPU without AVX-512 (AVX2 only): ATen has no vectorized half
+  precision GEMM there and runs at about 15 GFLOP/s, 7x slower than fp32. The inputs are then
+  widened to fp32 (exact), multiplied with the fp32 GEMM (fp32 accumulation, as every bf16 GEMM
+  accumulates) and the result rounded to the parameters' dtype, which is what a bf16 GEMM
+  computes; only the summation order differs, as between any two GEMM libraries.
+
+oneDNN serves large GEMMs only (``M * K * N >= 2**26``: below, its per-call setup makes it no
+faster); widening applies at every size. Both only on the CPU, outside ``torch.compile`` tracing and
+when no gradient is recorded (training keeps ``F.linear`` and its autograd). Results differ from ``F.linear`` by fp32 rounding, so
+selector scores equal the reference's within the tolerance table and masks equal it up to near
+ties (:func:`omnisift_kernels.testing.near_tie_differences`).
+
+Environment (read at each call):
+    ``OMNISIFT_CPU_GEMM``: ``auto`` (default: oneDNN on AMD, ATen elsewhere), ``aten`` (always
+    ``F.linear``: both choices off) or ``onednn`` (oneDNN for every large fp32 GEMM).
+    ``OMNISIFT_CPU_HALF_GEMM``: ``auto`` (default: widen to fp32 where the CPU lacks AVX-512),
+    ``native`` (ATen's half precision GEMM) or ``fp32`` (always widen).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["linear", "compute_dtype", "gemm_policy"]
+
+#: GEMMs smaller than this many multiply-adds always go to ``F.linear``.
+MIN_MACS = 1 << 26
+
+_HALF = (torch.bfloat16, torch.float16)
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_vendor() -> str:
+    """``"amd"``, ``"intel"`` or ``"other"`` (from /proc/cpuinfo; "other" where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    vendor = line.split(":", 1)[1].strip()
+                    return {"AuthenticAMD": "amd", "GenuineIntel": "intel"}.get(vendor, "other")
+    except OSError:
+        pass
+    return "other"
+
+
+@functools.lru_cache(maxsize=None)
+def _onednn_linear_available() -> bool:
+    try:
+        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_has_avx512() -> bool:
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+def _env(name: str, allowed: tuple[str, ...]) -> str:
+    value = os.environ.get(name, "auto").strip().lower() or "auto"
+    if value not in allowed:
+        raise ValueError(f"omnisift_kernels: {name} must be one of {', '.join(allowed)}, got {value!r}")
+    return value
+
+
+def gemm_policy() -> dict[str, str]:
+    """The choices in force: ``{"fp32": "onednn"|"aten", "half": "fp32"|"native"}``."""
+    lib = _env("OMNISIFT_CPU_GEMM", ("auto", "aten", "onednn"))
+    half = _env("OMNISIFT_CPU_HALF_GEMM", ("auto", "native", "fp32"))
+    if lib == "aten":
+        return {"fp32": "aten", "half": "native"}
+    if lib == "auto":
+        lib = "onednn" if cpu_vendor() == "amd" else "aten"
+    if lib == "onednn" and not _onednn_linear_available():
+        lib = "aten"
+    if half == "auto":
+        half = "native" if _cpu_has_avx512() else "fp32"
+    return {"fp32": lib, "half": half}
+
+
+def _eligible(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """CPU, not tracing, no gradient recorded."""
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    return not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                             or (bias is not None and bias.requires_grad)))
+
+
+def compute_dtype(param_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype the large inference GEMMs read their inputs in: fp32 where half precision
+    parameters are widened (see the module docstring), else ``param_dtype``. A caller that gathers
+    rows for the selector can produce them in this dtype directly (only exact when the source rows
+    are already in ``param_dtype`` or in fp32 with ``param_dtype`` fp32)."""
+    if param_dtype in _HALF and torch.device(device).type == "cpu" and gemm_policy()["half"] == "fp32":
+        return torch.float32
+    return param_dtype
+
+
+def _fp32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lib: str) -> torch.Tensor:
+    if lib == "onednn":
+        shape = x.shape
+        out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, shape[-1]).contiguous(), weight.contiguous(),
+                                                 bias, "none", [], "")
+        return out.view(*shape[:-1], weight.shape[0])
+    return F.linear(x, weight, bias)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` in the parameters' dtype, computed as chosen above.
+
+    Args:
+        x: ``[..., K]`` in ``weight``'s dtype, or in fp32 when ``weight`` is bf16/fp16 and
+            :func:`compute_dtype` says fp32 (then the values must be representable in ``weight``'s
+            dtype, e.g. widened bf16: they are not rounded again).
+        weight: ``[N, K]``; bias: ``[N]`` or None.
+
+    Returns:
+        ``[..., N]`` in ``weight``'s dtype.
+    """
+    if not _eligible(x, weight, bias):
+        return F.linear(x.to(weight.dtype), weight, bias)
+    policy = gemm_policy()
+    large = x.numel() // max(x.shape[-1], 1) * weight.shape[0] * weight.shape[1] >= MIN_MACS
+    lib = policy["fp32"] if large else "aten"
+    if weight.dtype == torch.float32:
+        return _fp32_linear(x.to(torch.float32), weight, bias, lib)
+    if weight.dtype in _HALF and policy["half"] == "fp32":
+        out = _fp32_linear(x.to(torch.float32), weight.float(), None if bias is None else bias.float(), lib)
+        return out.to(weight.dtype)
+    return F.linear(x.to(weight.dtype), weight, bias)

@@ -1,0 +1,151 @@
+"""The selector's CPU GEMM choice (omnisift_kernels.cpu_gemm) and the extension's huge-page outputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from omnisift_kernels import PRESETS, VisionGuidedAudioSelector, compress, cpu_gemm
+from omnisift_kernels._ext import ext_has_kernel
+from omnisift_kernels.synthetic import clip_row, make_batch
+from omnisift_kernels.testing import near_tie_differences, tolerance
+
+ONEDNN = cpu_gemm._onednn_linear_available()
+POLICIES = [("aten", "native"), ("auto", "auto"), ("aten", "fp32"), ("onednn", "native"), ("onednn", "fp32")]
+
+
+@pytest.fixture
+def policy(monkeypatch):
+    def set_policy(lib: str, half: str) -> dict[str, str]:
+        monkeypatch.setenv("OMNISIFT_CPU_GEMM", lib)
+        monkeypatch.setenv("OMNISIFT_CPU_HALF_GEMM", half)
+        return cpu_gemm.gemm_policy()
+
+    return set_policy
+
+
+def test_policy_from_environment(policy, monkeypatch):
+    assert policy("aten", "fp32") == {"fp32": "aten", "half": "native"}  # aten: both choices off
+    assert policy("onednn", "fp32") == {"fp32": "onednn" if ONEDNN else "aten", "half": "fp32"}
+    assert policy("onednn", "native")["half"] == "native"
+    auto = policy("auto", "auto")
+    assert auto["fp32"] == ("onednn" if cpu_gemm.cpu_vendor() == "amd" and ONEDNN else "aten")
+    assert auto["half"] == ("native" if cpu_gemm._cpu_has_avx512() else "fp32")
+    monkeypatch.setenv("OMNISIFT_CPU_GEMM", "mkl")
+    with pytest.raises(ValueError, match="OMNISIFT_CPU_GEMM must be one of auto, aten, onednn, got 'mkl'"):
+        cpu_gemm.gemm_policy()
+    monkeypatch.setenv("OMNISIFT_CPU_GEMM", "auto")
+    monkeypatch.setenv("OMNISIFT_CPU_HALF_GEMM", "bf16")
+    with pytest.raises(ValueError, match="OMNISIFT_CPU_HALF_GEMM"):
+        cpu_gemm.gemm_policy()
+
+
+@pytest.mark.parametrize("lib, half", POLICIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [3, 300])  # 300 x 512 x 512 is above MIN_MACS: oneDNN when chosen
+def test_linear_equals_f_linear_within_rounding(policy, lib, half, dtype, rows):
+    policy(lib, half)
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(2, rows, 512, generator=gen).to(dtype)
+    w = (torch.randn(512, 512, generator=gen) / 512 ** 0.5).to(dtype)
+    b = torch.randn(512, generator=gen).to(dtype)
+    xin = x.float() if cpu_gemm.compute_dtype(dtype, x.device) == torch.float32 else x
+    got = cpu_gemm.linear(xin, w, b)
+    assert got.dtype == dtype and got.shape == (2, rows, 512)
+    exact = F.linear(x.double(), w.double(), b.double())
+    atol, rtol = tolerance(dtype, "native")
+    torch.testing.assert_close(got.double(), exact, atol=atol, rtol=rtol)
+    if dtype != torch.float32 and xin.dtype == torch.float32:
+        # Widened: fp32 accumulation (error <= K * eps32 * sum |x w|) rounded once (<= 1 ulp here).
+        magnitude = F.linear(x.double().abs(), w.double().abs(), b.double().abs())
+        bound = exact.abs() * torch.finfo(dtype).eps + 512 * torch.finfo(torch.float32).eps * magnitude
+        assert ((got.double() - exact).abs() <= bound).all()
+    if lib == "aten" and (half == "native" or dtype == torch.float32):
+        assert torch.equal(got, F.linear(x, w, b))  # ATen everywhere: F.linear itself
+
+
+def test_linear_keeps_autograd_and_compile_paths(policy):
+    policy("onednn", "fp32")
+    x = torch.randn(300, 512)
+    lin = torch.nn.Linear(512, 512)
+    out = cpu_gemm.linear(x, lin.weight, lin.bias)  # parameters require grad: F.linear
+    assert out.grad_fn is not None and torch.equal(out, F.linear(x, lin.weight, lin.bias))
+    out.sum().backward()
+    assert lin.weight.grad is not None
+    with torch.no_grad():
+        fast = cpu_gemm.linear(x, lin.weight, lin.bias)
+    torch.testing.assert_close(fast, out.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_compute_dtype(policy):
+    policy("auto", "fp32")
+    assert cpu_gemm.compute_dtype(torch.bfloat16, torch.device("cpu")) == torch.float32
+    assert cpu_gemm.compute_dtype(torch.float16, torch.device("cpu")) == torch.float32
+    assert cpu_gemm.compute_dtype(torch.float32, torch.device("cpu")) == torch.float32
+    assert cpu_gemm.compute_dtype(torch.bfloat16, torch.device("cuda")) == torch.bfloat16
+    policy("auto", "native")
+    assert cpu_gemm.compute_dtype(torch.bfloat16, torch.device("cpu")) == torch.bfloat16
+
+
+@pytest.mark.parametrize("lib, half", POLICIES)
+@pytest.mark.parametrize("selector_dtype, x_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                     (torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)])
+def test_fast_path_matches_reference_under_each_policy(policy, lib, half, selector_dtype, x_dtype):
+    """A clip wide enough for the large-GEMM choice (D = 1024, hidden 512): the fast path's keep mask
+    equals the reference's up to near ties, its packed rows are exact and its scores within the
+    tolerance of the selector's dtype."""
+    policy(lib, half)
+    torch.manual_seed(5)
+    sel = VisionGuidedAudioSelector(1024).eval().requires_grad_(False).to(selector_dtype)
+    batch = make_batch([clip_row(6, 8, 12)], 1024, dtype=x_dtype, seed=11)
+    kw = dict(batch.compress_kwargs(), selector=sel, rho_video=PRESETS["paper-35"].rho_video,
+              rho_audio=PRESETS["paper-35"].rho_audio)
+    ref = compress(**kw, backend="reference")
+    fast = compress(**kw, backend="cpu")
+    near_tie_differences(fast.keep_mask, ref.keep_mask, ref.audio_scores, batch.inputs_embeds, batch.input_ids,
+                         batch.position_ids, batch.attention_mask, video_token_id=batch.video_token_id,
+                         audio_token_id=batch.audio_token_id, selector_dtype=selector_dtype)
+    flat = batch.inputs_embeds.flatten(0, 1)
+    assert torch.equal(fast.inputs_embeds, flat[fast.indices])
+    atol, rtol = tolerance(selector_dtype, "score")
+    torch.testing.assert_close(fast.audio_scores, ref.audio_scores, atol=atol, rtol=rtol)
+
+
+# ------------------------------------------------------------------------------------------------
+# Huge-page outputs (csrc/cpu_alloc.h)
+
+needs_gather = pytest.mark.skipif(not ext_has_kernel("varlen_gather", "CPU"), reason="needs the extension")
+
+
+@needs_gather
+@pytest.mark.parametrize("hugepages", ["1", "0"])
+@pytest.mark.parametrize("rows", [5, 3000])  # 3000 x 1024 fp32 = 12 MB: above the 4 MiB threshold
+def test_large_outputs_are_ordinary_tensors(monkeypatch, hugepages, rows):
+    monkeypatch.setenv("OMNISIFT_CPU_HUGEPAGES", hugepages)
+    src = torch.randn(4000, 1024)
+    idx = torch.randperm(4000)[:rows]
+    out = torch.ops.omnisift.varlen_gather(src, idx)
+    assert torch.equal(out, src[idx]) and out.is_contiguous() and out.shape == (rows, 1024)
+    out.add_(1)  # writable, owns its memory
+    assert torch.equal(out, src[idx] + 1)
+    out.resize_(rows + 7, 1024)  # still resizable (torch's allocator takes over)
+    assert torch.equal(out[:rows], src[idx] + 1)
+    clone = out.clone()
+    del out
+    assert clone.shape == (rows + 7, 1024)
+
+
+@needs_gather
+def test_gather_ste_forward_uses_the_extension_exactly(monkeypatch):
+    from omnisift_kernels.ops import gather_ste
+
+    x = torch.randn(2, 1500, 1024)
+    idx = torch.randperm(3000)[:2500].sort().values
+    scores = torch.rand(2, 1500)
+    for hp in ("1", "0"):
+        monkeypatch.setenv("OMNISIFT_CPU_HUGEPAGES", hp)
+        assert torch.equal(gather_ste(x, idx, scores), x.flatten(0, 1)[idx])
+    # A view whose rows do not merge: the torch path, same values.
+    xt = torch.randn(1500, 2, 1024).transpose(0, 1)
+    assert torch.equal(gather_ste(xt, idx, scores), xt.reshape(3000, 1024)[idx])
