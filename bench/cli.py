@@ -16,7 +16,7 @@ from . import env as E
 from . import providers as P
 from . import stages as S
 from .report import format_table, write_json
-from .timing import time_fn
+from .timing import time_fn, time_interleaved
 
 OP_ALIASES = {"floor": S.FLOOR, "e2e": S.END_TO_END, "end-to-end": S.END_TO_END}
 N_INPUTS = 2  # input sets (seeds) rotated by the timer
@@ -76,6 +76,9 @@ class Runner:
         self.quick = args.quick
         self.budget = 0.01 if args.quick else 0.25
         self.min_repeat = 3 if args.quick else 5
+        # End-to-end rows (interleaved): a larger budget per group of providers, at least 9 rounds.
+        self.e2e_budget = 0.02 if args.quick else 2.5
+        self.e2e_min_repeat = 3 if args.quick else 9
         self.max_repeat = 10 if args.quick else 200
         self.rows: list[dict] = []
         self.failures: list[str] = []
@@ -184,6 +187,7 @@ class Runner:
             if got != exp:
                 self.failures.append(f"retention of {wl} {preset} {dt} is {got}, expected {exp}")
 
+        e2e_jobs = {}
         for name in self.active:
             p = P.PROVIDERS[name]
             # 1. Agreement with the reference, before any timing.
@@ -232,8 +236,18 @@ class Runner:
                 self.add_traffic(r, op, info)
                 progress.update(1)
             if e2e_fns is not None:
-                r = self.row(S.END_TO_END, name, wl, dt, preset,
-                             timing=self.time(lambda i: e2e_fns[i](), len(e2e_fns)), **kept_fields)
+                e2e_jobs[name] = (e2e_fns, ties)
+        # 3. End to end: every provider timed round-robin (see timing.time_interleaved), so that the
+        # ratios to the release-style loop compare calls made under the same conditions.
+        if e2e_jobs:
+            n_in = len(cases)
+            timings = time_interleaved(
+                {name: (lambda fns: (lambda i: fns[i]()))(fns) for name, (fns, _) in e2e_jobs.items()},
+                n_in, self.device, repeat=self.args.repeat, budget_s=self.e2e_budget,
+                min_repeat=self.e2e_min_repeat, max_repeat=self.max_repeat)
+            for name, (fns, ties) in e2e_jobs.items():
+                r = self.row(S.END_TO_END, name, wl, dt, preset, timing=timings[name], **kept_fields)
+                r["timing"] = "interleaved"
                 self.add_traffic(r, S.END_TO_END, info)
                 if any(ties):
                     r["near_tie_tokens"] = max(ties)

@@ -87,6 +87,48 @@ def time_fn(
     return summarize(samples)
 
 
+def time_interleaved(
+    fns: dict[str, Callable[[int], object]],
+    n_inputs: int,
+    device: torch.device,
+    *,
+    repeat: int | None = None,
+    budget_s: float = 2.0,
+    min_repeat: int = 9,
+    max_repeat: int = 200,
+) -> dict[str, Timing]:
+    """Times several callables round-robin: each round calls every one once, on the same input set.
+
+    Used for the end-to-end rows, whose ratios are the headline: on a shared VM whose speed drifts
+    by tens of percent within seconds, timing one provider after the other lets a slow spell land on
+    one of them; interleaved, every provider samples the same spells. The starting provider rotates
+    each round (no fixed order effect). ``repeat`` rounds, else as many as fit in ``budget_s`` from the
+    warm-up calls' time, within ``[min_repeat, max_repeat]``. On CUDA each call is synchronized.
+    """
+    names = list(fns)
+    if not names:
+        return {}
+    t0 = time.perf_counter()
+    for w in range(n_inputs):
+        for name in names:
+            fns[name](w)
+    _sync(device)
+    per_round = (time.perf_counter() - t0) / n_inputs
+    if repeat is None:
+        repeat = max(min_repeat, min(max_repeat, int(budget_s / max(per_round, 1e-7))))
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeat):
+        i = r % n_inputs
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            _sync(device)
+            t = time.perf_counter()
+            fns[name](i)
+            _sync(device)
+            samples[name].append((time.perf_counter() - t) * 1e3)
+    return {n: summarize(v) for n, v in samples.items()}
+
+
 def _time_cuda(fn, n_inputs: int, device: torch.device, repeat: int, use_do_bench: bool = True) -> Timing:
     counter = [0]
 

@@ -1,11 +1,12 @@
 // Large CPU outputs of the extension's kernels, backed by transparent huge pages where the OS has them.
 //
-// A fresh tensor of tens of MB (the packed embeddings, the selector's gathered rows) is a new mmap
-// region for glibc (above its 32 MB threshold, or once its heap is trimmed): every 4 KiB page then
-// faults on first write. On the project's 2-core VMs that cost 15 ms for a 34 MB output, three times
-// the copy itself. With 2 MiB pages the same buffer takes 17 faults and about 5 ms (zeroing by the
-// kernel included). This is what torch's own THP_MEM_ALLOC_ENABLE=1 does for every tensor; here it is
-// limited to the outputs of these kernels of at least 4 MiB.
+// glibc serves every block of 32 MiB or more (its largest mmap threshold) with a fresh mmap, so every
+// 4 KiB page of such an output faults on first write, on every call. On the project's 2-core VMs that
+// cost 15-20 ms for the 34 MB packed output of omni7b-20s, three to four times the copy itself. With
+// 2 MiB pages the same buffer takes 17 faults and about 5-7 ms (zeroing by the kernel included).
+// Smaller blocks usually come back from glibc's heap already mapped, so they are left to at::empty.
+// This is what torch's own THP_MEM_ALLOC_ENABLE=1 does for every tensor of 2 MiB or more; here it is
+// limited to the kernels' outputs of at least 32 MiB.
 //
 // The storage stays resizable (a later resize_ allocates with torch's CPU allocator and frees this
 // block with free()). OMNISIFT_CPU_HUGEPAGES=0 turns it off (then at::empty). Without Linux's
@@ -36,14 +37,15 @@ namespace detail {
 inline void free_hugepage_block(void* p) { std::free(p); }
 }  // namespace detail
 
-// at::empty(sizes, options) for CPU options, huge-page backed when the buffer is at least 4 MiB.
+// at::empty(sizes, options) for CPU options, huge-page backed when the buffer is at least 32 MiB.
 inline at::Tensor empty_cpu_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr size_t kHugePage = size_t(2) << 20;
   int64_t numel = 1;
   for (const int64_t s : sizes) numel *= s;
   const size_t nbytes = static_cast<size_t>(numel) * options.dtype().itemsize();
-  if (options.device().is_cpu() && nbytes >= 2 * kHugePage && cpu_hugepage_outputs_enabled()) {
+  constexpr size_t kMinBytes = size_t(32) << 20;
+  if (options.device().is_cpu() && nbytes >= kMinBytes && cpu_hugepage_outputs_enabled()) {
     const size_t padded = (nbytes + kHugePage - 1) / kHugePage * kHugePage;
     void* block = nullptr;
     if (posix_memalign(&block, kHugePage, padded) == 0) {

@@ -148,8 +148,13 @@ class VisionGuidedAudioSelector(nn.Module):
         C, La, _ = a.shape
         Lv = v.shape[1]
         q = linear(a, w_q, b_q).view(C, La, nh, H // nh).transpose(1, 2)
-        k = linear(v, w_k, b_k).view(C, Lv, nh, H // nh).transpose(1, 2)
-        val = linear(v, w_v, b_v).view(C, Lv, nh, H // nh).transpose(1, 2)
+        if linear is F.linear:
+            k = linear(v, w_k, b_k).view(C, Lv, nh, H // nh).transpose(1, 2)
+            val = linear(v, w_v, b_v).view(C, Lv, nh, H // nh).transpose(1, 2)
+        else:  # keys and values in one GEMM (the packed weight's rows H:3H are contiguous)
+            kv = linear(v, self.cross_attn.in_proj_weight[H:], self.cross_attn.in_proj_bias[H:])
+            k = kv[..., :H].view(C, Lv, nh, H // nh).transpose(1, 2)
+            val = kv[..., H:].view(C, Lv, nh, H // nh).transpose(1, 2)
         # Additive mask rather than bool: SDPA's math path treats both alike, this one is accepted by
         # every backend. -inf on padding only; every chunk has >= 1 real key, so no row is all -inf.
         bias = None

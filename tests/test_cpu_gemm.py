@@ -120,11 +120,11 @@ needs_gather = pytest.mark.skipif(not ext_has_kernel("varlen_gather", "CPU"), re
 
 @needs_gather
 @pytest.mark.parametrize("hugepages", ["1", "0"])
-@pytest.mark.parametrize("rows", [5, 3000])  # 3000 x 1024 fp32 = 12 MB: above the 4 MiB threshold
+@pytest.mark.parametrize("rows", [5, 9000])  # 9000 x 1024 fp32 = 36.9 MB: above the 32 MiB threshold
 def test_large_outputs_are_ordinary_tensors(monkeypatch, hugepages, rows):
     monkeypatch.setenv("OMNISIFT_CPU_HUGEPAGES", hugepages)
-    src = torch.randn(4000, 1024)
-    idx = torch.randperm(4000)[:rows]
+    src = torch.randn(10000, 1024)
+    idx = torch.randint(0, 10000, (rows,))
     out = torch.ops.omnisift.varlen_gather(src, idx)
     assert torch.equal(out, src[idx]) and out.is_contiguous() and out.shape == (rows, 1024)
     out.add_(1)  # writable, owns its memory
@@ -140,12 +140,12 @@ def test_large_outputs_are_ordinary_tensors(monkeypatch, hugepages, rows):
 def test_gather_ste_forward_uses_the_extension_exactly(monkeypatch):
     from omnisift_kernels.ops import gather_ste
 
-    x = torch.randn(2, 1500, 1024)
-    idx = torch.randperm(3000)[:2500].sort().values
-    scores = torch.rand(2, 1500)
+    x = torch.randn(2, 5000, 1024)
+    idx = torch.randperm(10000)[:9000].sort().values
+    scores = torch.rand(2, 5000)
     for hp in ("1", "0"):
         monkeypatch.setenv("OMNISIFT_CPU_HUGEPAGES", hp)
         assert torch.equal(gather_ste(x, idx, scores), x.flatten(0, 1)[idx])
     # A view whose rows do not merge: the torch path, same values.
-    xt = torch.randn(1500, 2, 1024).transpose(0, 1)
-    assert torch.equal(gather_ste(xt, idx, scores), xt.reshape(3000, 1024)[idx])
+    xt = torch.randn(5000, 2, 1024).transpose(0, 1)
+    assert torch.equal(gather_ste(xt, idx, scores), xt.reshape(10000, 1024)[idx])
