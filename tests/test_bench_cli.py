@@ -48,6 +48,10 @@ def test_quick_table_and_json(quick_run):
         assert r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
         assert r["kept_tokens"] and 0 < r["retention_pct"] <= 100
     assert any(r["op"] == "selector-projections floor" for r in rows)
+    # on the CPU a second floor row with the library's GEMM choice, and the choices in the header
+    assert any(r["op"] == "selector-projections floor" and r["provider"].startswith("cpu_gemm x2") for r in rows)
+    assert "cpu gemm" in p.stdout.splitlines()[0] and "hugepage outputs" in p.stdout.splitlines()[0]
+    assert all(r.get("timing") == "interleaved" for r in timed)
     # compile-reference is reported, not run, unless asked for
     assert any(r["provider"] == "compile-reference" and r["status"] == "skipped" for r in rows)
     assert data["meta"]["scaling"], "--plot runs the scaling section"
@@ -98,3 +102,22 @@ def test_compile_reference_provider_runs():
         assert "error" not in line and "skipped" not in line, line
         median = line.split("|")[5].strip()
         assert float(median) > 0, line
+
+
+def test_time_interleaved_rounds_and_rotation():
+    """Every callable once per round on the same input set, the first one rotating; warm-up excluded."""
+    sys.path.insert(0, ROOT)
+    import torch
+
+    from bench.timing import time_interleaved
+
+    calls = []
+    fns = {name: (lambda name: (lambda i: calls.append((name, i))))(name) for name in ("a", "b", "c")}
+    t = time_interleaved(fns, 2, torch.device("cpu"), repeat=4)
+    assert set(t) == {"a", "b", "c"} and all(v.n == 4 for v in t.values())
+    warm, timed = calls[:6], calls[6:]
+    assert sorted(warm) == sorted((n, i) for n in "abc" for i in (0, 1))
+    rounds = [timed[3 * r:3 * r + 3] for r in range(4)]
+    assert [[n for n, _ in r] for r in rounds] == [list("abc"), list("bca"), list("cab"), list("abc")]
+    assert all({i for _, i in r} == {r_i % 2} for r_i, r in enumerate(rounds))
+    assert time_interleaved({}, 1, torch.device("cpu")) == {}
