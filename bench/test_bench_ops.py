@@ -187,3 +187,30 @@ def test_bench_gather_ste_autograd(benchmark, wl):
         gather_ste(x, wl.keep_idx, s).float().sum().backward()
 
     _run(benchmark, fn)
+
+
+@pytest.mark.skipif(CUDA, reason="the CPU GEMM choice of the selector (omnisift_kernels.cpu_gemm)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("gemm", ["aten", "auto"])
+def test_bench_selector_linear(benchmark, monkeypatch, gemm, dtype):
+    """One selector projection, ``F.linear`` (``aten``) against the fast path's choice on this CPU
+    (``auto``: oneDNN on AMD, half precision widened to fp32 GEMMs without AVX-512). The shape is
+    above ``cpu_gemm.MIN_MACS`` so that the choice applies; the selector's real v_proj is
+    [1980, 3584] x [3584, 512] (``python -m bench --op floor``)."""
+    from omnisift_kernels import cpu_gemm
+    from omnisift_kernels.testing import tolerance
+
+    monkeypatch.setenv("OMNISIFT_CPU_GEMM", gemm)
+    monkeypatch.setenv("OMNISIFT_CPU_HALF_GEMM", "auto")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1200, 512, generator=g).to(dtype)
+    w = (torch.randn(512, 512, generator=g) / 512 ** 0.5).to(dtype)
+    b = torch.randn(512, generator=g).to(dtype)
+    xin = x.float() if cpu_gemm.compute_dtype(dtype, x.device) == torch.float32 else x
+    with torch.no_grad():
+        out = cpu_gemm.linear(xin, w, b)
+        atol, rtol = tolerance(dtype, "native")
+        torch.testing.assert_close(out.double(), torch.nn.functional.linear(x.double(), w.double(), b.double()),
+                                   atol=atol, rtol=rtol)
+        benchmark.extra_info["flops"] = 2 * 1200 * 512 * 512
+        _run(benchmark, lambda: cpu_gemm.linear(xin, w, b))
