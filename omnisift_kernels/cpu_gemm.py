@@ -4,24 +4,25 @@ The selector's projections are most of the fast path's time on the CPU (about 12
 omni7b-20s, paper-35). Two choices matter there, both measured on this project's CPU VMs:
 
 * **fp32**: ATen's ``F.linear`` calls MKL. On AMD CPUs oneDNN's fp32 matmul
-  (``torch.ops.mkldnn._linear_pointwise``) is 15-30 % faster for the selector's large shapes
-  (Zen 3, 2 threads: ``[1980, 3584] x [3584, 512]`` 58 vs 66-72 ms, ``[1980, 512] x [512, 1024]``
-  17 vs 22 ms); on the Intel VMs it was not faster, so MKL stays there.
+  (``torch.ops.mkldnn._linear_pointwise``) is faster for the selector's tall GEMMs and slower for
+  its short ones (Zen 3, 2 threads, the two libraries timed in alternating blocks: ``[1980, 3584] x
+  [3584, 512]`` 60.1 vs 61.4-65.3 ms, ``[1980, 512] x [512, 1024]`` 16.8 vs 19.0-19.7 ms, but
+  ``[500, 3584] x [3584, 512]`` 13.8-15.3 vs 13.3-13.8 ms); so it takes GEMMs of at least 1,024 rows
+  and ``2**28`` multiply-adds there. On the Intel VMs it was not faster: MKL stays.
 * **bf16/fp16** parameters on a CPU without AVX-512 (AVX2 only): ATen has no vectorized half
   precision GEMM there and runs at about 15 GFLOP/s, 7x slower than fp32. The inputs are then
   widened to fp32 (exact), multiplied with the fp32 GEMM (fp32 accumulation, as every bf16 GEMM
   accumulates) and the result rounded to the parameters' dtype, which is what a bf16 GEMM
   computes; only the summation order differs, as between any two GEMM libraries.
 
-oneDNN serves large GEMMs only (``M * K * N >= 2**28``; measured: ``[1980, 512] x [512, 512]``
-8.8 vs 11.5 ms, but ``[300 or 500, 512] x [512, 512]`` no faster than MKL); widening applies at every size. Both only on the CPU, outside ``torch.compile`` tracing and
-when no gradient is recorded (training keeps ``F.linear`` and its autograd). Results differ from ``F.linear`` by fp32 rounding, so
-selector scores equal the reference's within the tolerance table and masks equal it up to near
-ties (:func:`omnisift_kernels.testing.near_tie_differences`).
+Widening applies at every size. Both only on the CPU, outside ``torch.compile`` tracing and when
+no gradient is recorded (training keeps ``F.linear`` and its autograd). Results differ from
+``F.linear`` by fp32 rounding, so selector scores equal the reference's within the tolerance table
+and masks equal it up to near ties (:func:`omnisift_kernels.testing.near_tie_differences`).
 
 Environment (read at each call):
     ``OMNISIFT_CPU_GEMM``: ``auto`` (default: oneDNN on AMD, ATen elsewhere), ``aten`` (always
-    ``F.linear``: both choices off) or ``onednn`` (oneDNN for every large fp32 GEMM).
+    ``F.linear``: both choices off) or ``onednn`` (oneDNN for the large fp32 GEMMs on any CPU).
     ``OMNISIFT_CPU_HALF_GEMM``: ``auto`` (default: widen to fp32 where the CPU lacks AVX-512),
     ``native`` (ATen's half precision GEMM) or ``fp32`` (always widen).
 """
@@ -36,7 +37,8 @@ import torch.nn.functional as F
 
 __all__ = ["linear", "compute_dtype", "gemm_policy"]
 
-#: GEMMs smaller than this many multiply-adds always go to ``F.linear``.
+#: oneDNN takes fp32 GEMMs of at least this many rows and multiply-adds (smaller ones: ``F.linear``).
+MIN_ROWS = 1024
 MIN_MACS = 1 << 28
 
 _HALF = (torch.bfloat16, torch.float16)
@@ -99,6 +101,13 @@ def _eligible(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) 
                                              or (bias is not None and bias.requires_grad)))
 
 
+def fp32_library(rows: int, n: int, k: int, policy: dict[str, str] | None = None) -> str:
+    """``"onednn"`` or ``"aten"``: the library of an fp32 ``[rows, k] x [k, n]`` inference GEMM."""
+    policy = gemm_policy() if policy is None else policy
+    large = rows >= MIN_ROWS and rows * n * k >= MIN_MACS
+    return policy["fp32"] if large else "aten"
+
+
 def compute_dtype(param_dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """The dtype the large inference GEMMs read their inputs in: fp32 where half precision
     parameters are widened (see the module docstring), else ``param_dtype``. A caller that gathers
@@ -133,8 +142,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if not _eligible(x, weight, bias):
         return F.linear(x.to(weight.dtype), weight, bias)
     policy = gemm_policy()
-    large = x.numel() // max(x.shape[-1], 1) * weight.shape[0] * weight.shape[1] >= MIN_MACS
-    lib = policy["fp32"] if large else "aten"
+    lib = fp32_library(x.numel() // max(x.shape[-1], 1), weight.shape[0], weight.shape[1], policy)
     if weight.dtype == torch.float32:
         return _fp32_linear(x.to(torch.float32), weight, bias, lib)
     if weight.dtype in _HALF and policy["half"] == "fp32":

@@ -41,9 +41,19 @@ def test_policy_from_environment(policy, monkeypatch):
         cpu_gemm.gemm_policy()
 
 
+def test_onednn_takes_only_tall_large_gemms(policy):
+    pol = policy("onednn", "auto")
+    want = "onednn" if ONEDNN else "aten"
+    assert cpu_gemm.fp32_library(1980, 512, 3584, pol) == want  # v_proj over the surviving video
+    assert cpu_gemm.fp32_library(1980, 1024, 512, pol) == want  # keys and values
+    assert cpu_gemm.fp32_library(500, 512, 3584, pol) == "aten"  # a_proj: MKL is faster at 500 rows
+    assert cpu_gemm.fp32_library(4000, 8, 8, pol) == "aten"  # tiny
+    assert cpu_gemm.fp32_library(1980, 512, 3584, policy("aten", "auto")) == "aten"
+
+
 @pytest.mark.parametrize("lib, half", POLICIES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("rows", [3, 600])  # 2 x 600 x 512 x 512 is above MIN_MACS: oneDNN when chosen
+@pytest.mark.parametrize("rows", [3, 600])  # 2 x 600 rows x 512 x 512: above MIN_ROWS and MIN_MACS
 def test_linear_equals_f_linear_within_rounding(policy, lib, half, dtype, rows):
     policy(lib, half)
     gen = torch.Generator().manual_seed(rows)
@@ -92,14 +102,14 @@ def test_compute_dtype(policy):
 @pytest.mark.parametrize("selector_dtype, x_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
                                                      (torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)])
 def test_fast_path_matches_reference_under_each_policy(policy, lib, half, selector_dtype, x_dtype):
-    """A clip large enough for the large-GEMM choice (D = 2048, 16 x 16 frames: v_proj is about
-    [680, 2048] x [2048, 512], above MIN_MACS): the fast path's keep mask
+    """A clip large enough for the large-GEMM choice (D = 2048, 16 x 16 frames, 16 s: v_proj is
+    about [1360, 2048] x [2048, 512], above MIN_ROWS and MIN_MACS): the fast path's keep mask
     equals the reference's up to near ties, its packed rows are exact and its scores within the
     tolerance of the selector's dtype."""
     policy(lib, half)
     torch.manual_seed(5)
     sel = VisionGuidedAudioSelector(2048).eval().requires_grad_(False).to(selector_dtype)
-    batch = make_batch([clip_row(8, 16, 16)], 2048, dtype=x_dtype, seed=11)
+    batch = make_batch([clip_row(16, 16, 16)], 2048, dtype=x_dtype, seed=11)
     kw = dict(batch.compress_kwargs(), selector=sel, rho_video=PRESETS["paper-35"].rho_video,
               rho_audio=PRESETS["paper-35"].rho_audio)
     ref = compress(**kw, backend="reference")
