@@ -26,7 +26,6 @@ import dataclasses
 import os
 
 import torch
-
 import torch.nn.functional as F
 
 from . import cpu_gemm, ops
@@ -215,7 +214,8 @@ def audio_scores(
     audio_flat = index.audio_index[:n_assigned]
     audio_chunk = index.audio_chunk[:n_assigned]
     audio_rank = torch.arange(n_assigned, device=dev) - index.audio_offsets[audio_chunk]
-    a = selector.a_norm(linear(_rows(x, audio_flat).to(selector_rows_dtype(x, selector)), selector.a_proj.weight, selector.a_proj.bias))
+    audio_rows = _rows(x, audio_flat).to(selector_rows_dtype(x, selector))
+    a = selector.a_norm(linear(audio_rows, selector.a_proj.weight, selector.a_proj.bias))
     # Equal-sized chunks (known on the host: count == chunks x largest) are views of the projected
     # rows, which are grouped by chunk in chunk order; otherwise right-padded blocks and a key mask.
     if uniform_video:
@@ -383,8 +383,8 @@ def fast_compress(
         video_rows = None
         try:
             if score and keep_gather_serves(inputs_embeds, backend):
-                keep_v, video_rows = video_keep_gather(inputs_embeds, index, selector_rows_dtype(inputs_embeds, selector),
-                                                       check_finite=split)
+                rows_dtype = selector_rows_dtype(inputs_embeds, selector)
+                keep_v, video_rows = video_keep_gather(inputs_embeds, index, rows_dtype, check_finite=split)
             else:
                 keep_v = video_keep(inputs_embeds, index, check_finite=split)
         except ValueError as e:
