@@ -113,9 +113,9 @@ def compute_dtype(param_dtype: torch.dtype, device: torch.device) -> torch.dtype
     parameters are widened (see the module docstring), else ``param_dtype``. A caller that gathers
     rows for the selector can produce them in this dtype directly (only exact when the source rows
     are already in ``param_dtype`` or in fp32 with ``param_dtype`` fp32)."""
-    if param_dtype in _HALF and torch.device(device).type == "cpu" and gemm_policy()["half"] == "fp32":
-        return torch.float32
-    return param_dtype
+    if torch.compiler.is_compiling() or param_dtype not in _HALF or torch.device(device).type != "cpu":
+        return param_dtype  # (under tracing, linear() is F.linear: nothing to widen)
+    return torch.float32 if gemm_policy()["half"] == "fp32" else param_dtype
 
 
 def _fp32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lib: str) -> torch.Tensor:

@@ -278,6 +278,27 @@ def test_compile_fullgraph_with_grid():
     assert torch.equal(eager.position_ids, compiled.position_ids)
 
 
+def test_compile_fullgraph_with_grid_bf16_selector():
+    """A bf16 module compiles with fullgraph too (under tracing the selector's GEMMs are F.linear, not
+    the eager path's widened fp32 GEMMs, so masks agree up to near ties of the bf16 scores)."""
+    from omnisift_kernels.testing import near_tie_differences
+
+    batch = make_batch([clip_row(4, 2, 3), clip_row(3, 2, 3)], D, dtype=torch.bfloat16, seed=4)
+    module = OmniSIFTCompressor(D, num_heads=4, hidden_dim=16, backend="cpu").to(torch.bfloat16)
+    kw = dict(video_token_id=batch.video_token_id, audio_token_id=batch.audio_token_id, grid=batch.rows)
+    args = (batch.inputs_embeds, batch.input_ids, batch.position_ids, batch.attention_mask, batch.labels)
+    with torch.no_grad():
+        eager = module(*args, **kw)
+        torch._dynamo.reset()
+        compiled = torch.compile(module, fullgraph=True)(*args, **kw)
+    near_tie_differences(compiled.keep_mask, eager.keep_mask, eager.audio_scores, batch.inputs_embeds,
+                         batch.input_ids, batch.position_ids, batch.attention_mask,
+                         video_token_id=batch.video_token_id, audio_token_id=batch.audio_token_id,
+                         selector_dtype=torch.bfloat16)
+    flat = batch.inputs_embeds.flatten(0, 1)
+    assert torch.equal(compiled.inputs_embeds, flat[compiled.indices])
+
+
 def test_selector_gradients_match_reference():
     batch = make_batch([clip_row(4, 2, 3), clip_row(3, 2, 3)], D, dtype=torch.float64, seed=5)
     grads = {}
