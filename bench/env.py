@@ -75,7 +75,7 @@ def cpu_choices() -> str:
         gemm = f"cpu gemm {pol['fp32']}, half {pol['half']}"
     except Exception as exc:
         gemm = f"cpu gemm unknown ({type(exc).__name__})"
-    hp = os.environ.get("OMNISIFT_CPU_HUGEPAGES", "1").strip().lower() not in ("0", "false", "off")
+    hp = os.environ.get("OMNISIFT_CPU_HUGEPAGES", "1") not in ("0", "false", "off")  # as csrc/cpu_alloc.h
     return f"{gemm} | hugepage outputs {'on' if hp else 'off'}"
 
 

@@ -42,6 +42,11 @@ def summarize(samples_ms: list[float]) -> Timing:
     return Timing(statistics.median(s), _quantile(s, 0.2), _quantile(s, 0.8), len(s), samples_ms)
 
 
+def _repeat_for(per_call_s: float, budget_s: float, min_repeat: int, max_repeat: int) -> int:
+    """Timed calls (or rounds) that fit in ``budget_s`` at ``per_call_s`` each, within the bounds."""
+    return max(min_repeat, min(max_repeat, int(budget_s / max(per_call_s, 1e-7))))
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -74,8 +79,7 @@ def time_fn(
     _sync(device)
     per_call = (time.perf_counter() - t0) / (max(warmup, 1) * n_inputs)
     if repeat is None:
-        repeat = int(budget_s / max(per_call, 1e-7))
-        repeat = max(min_repeat, min(max_repeat, repeat))
+        repeat = _repeat_for(per_call, budget_s, min_repeat, max_repeat)
     if device.type == "cuda":
         return _time_cuda(fn, n_inputs, device, repeat, use_do_bench=not exact_repeat)
     samples = []
@@ -115,7 +119,7 @@ def time_interleaved(
     _sync(device)
     per_round = (time.perf_counter() - t0) / n_inputs
     if repeat is None:
-        repeat = max(min_repeat, min(max_repeat, int(budget_s / max(per_round, 1e-7))))
+        repeat = _repeat_for(per_round, budget_s, min_repeat, max_repeat)
     samples: dict[str, list[float]] = {n: [] for n in names}
     for r in range(repeat):
         i = r % n_inputs

@@ -80,8 +80,8 @@ inline float to_f32(const typename ElemType<E>::type v) {
 // several ulps, enough to swap two tokens 4e-8 apart that the fp32 reference ranked correctly).
 // The loops stay memory-bound: widening costs compute the memory stream leaves idle.
 
-// S += a, and the sums <a, b>, |a|^2, |b|^2 (HasB) or |a|^2 (no b) into r[0..2].
-template <class V, Elem E, bool HasB>
+// S += a (AddS), and the sums <a, b>, |a|^2, |b|^2 (HasB) or |a|^2 (no b) into r[0..2].
+template <class V, Elem E, bool HasB, bool AddS = true>
 inline void pass1(const typename ElemType<E>::type* a, const typename ElemType<E>::type* b, double* S, int64_t D,
                   double* r, const void* next_a, const void* next_b) {
   using dreg = typename V::dreg;
@@ -98,8 +98,10 @@ inline void pass1(const typename ElemType<E>::type* a, const typename ElemType<E
     if (HasB && pb) __builtin_prefetch(pb + d / W * kStep);
     const auto x = V::template load<E>(a + d);
     const dreg xl = V::lo(x), xh = V::hi(x);
-    V::dstore(S + d, V::dadd(V::dload(S + d), xl));
-    V::dstore(S + d + H, V::dadd(V::dload(S + d + H), xh));
+    if constexpr (AddS) {
+      V::dstore(S + d, V::dadd(V::dload(S + d), xl));
+      V::dstore(S + d + H, V::dadd(V::dload(S + d + H), xh));
+    }
     a0 = V::dfma(xl, xl, a0);
     a1 = V::dfma(xh, xh, a1);
     if constexpr (HasB) {
@@ -114,7 +116,7 @@ inline void pass1(const typename ElemType<E>::type* a, const typename ElemType<E
   double dot = 0, na2 = 0, nb2 = 0;
   for (; d < D; ++d) {
     const double x = to_f32<E>(a[d]);
-    S[d] += x;
+    if constexpr (AddS) S[d] += x;
     na2 += x * x;
     if constexpr (HasB) {
       const double y = to_f32<E>(b[d]);
@@ -142,35 +144,6 @@ inline double dot_f64(const typename ElemType<E>::type* a, const double* m, int6
   double dot = 0;
   for (; d < D; ++d) dot += static_cast<double>(to_f32<E>(a[d])) * m[d];
   return dot + V::dhsum(V::dadd(d0, d1));
-}
-
-// <a, b>, |a|^2, |b|^2 into r[0..2].
-template <class V, Elem E>
-inline void dot3(const typename ElemType<E>::type* a, const typename ElemType<E>::type* b, int64_t D, double* r) {
-  using dreg = typename V::dreg;
-  constexpr int W = V::W;
-  dreg d0 = V::dzero(), d1 = V::dzero(), a0 = V::dzero(), a1 = V::dzero(), b0 = V::dzero(), b1 = V::dzero();
-  int64_t d = 0;
-  for (; d + W <= D; d += W) {
-    const auto x = V::template load<E>(a + d), y = V::template load<E>(b + d);
-    const dreg xl = V::lo(x), xh = V::hi(x), yl = V::lo(y), yh = V::hi(y);
-    d0 = V::dfma(xl, yl, d0);
-    d1 = V::dfma(xh, yh, d1);
-    a0 = V::dfma(xl, xl, a0);
-    a1 = V::dfma(xh, xh, a1);
-    b0 = V::dfma(yl, yl, b0);
-    b1 = V::dfma(yh, yh, b1);
-  }
-  double dot = 0, na2 = 0, nb2 = 0;
-  for (; d < D; ++d) {
-    const double x = to_f32<E>(a[d]), y = to_f32<E>(b[d]);
-    dot += x * y;
-    na2 += x * x;
-    nb2 += y * y;
-  }
-  r[0] = dot + V::dhsum(V::dadd(d0, d1));
-  r[1] = na2 + V::dhsum(V::dadd(a0, a1));
-  r[2] = nb2 + V::dhsum(V::dadd(b0, b1));
 }
 
 // cos = dot / (max(|a|, eps) * max(|b|, eps)), as F.cosine_similarity (eps = 1e-8), in fp64.
@@ -318,7 +291,7 @@ struct UnitKernel {
         p.out[a0 + i] = cosine(dot_f64<V, RE>(row(t, row_a), mean, p.D), norm_a[i], mm);
         flag_if_nonfinite(t, norm_a[i]);
       } else {
-        dot3<V, RE>(row(t, row_a), row(pair[a0 + i], row_b), p.D, r);
+        pass1<V, RE, true, false>(row(t, row_a), row(pair[a0 + i], row_b), nullptr, p.D, r, nullptr, nullptr);
         p.out[a0 + i] = cosine(r[0], r[1], r[2]);
         flag_if_nonfinite(t, r[1]);
       }

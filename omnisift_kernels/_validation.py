@@ -105,7 +105,12 @@ def all_finite(x: torch.Tensor, skip_rows: torch.Tensor | None = None) -> torch.
     return torch.isfinite(lo) & torch.isfinite(hi)
 
 
+def non_finite_error(op: str) -> ValueError:
+    """The error every path raises for embeddings that hold NaN or Inf."""
+    return ValueError(f"{op}: inputs_embeds holds NaN or Inf values; the keep mask would be meaningless")
+
+
 def check_finite(op: str, inputs_embeds: torch.Tensor, skip_rows: torch.Tensor | None = None) -> None:
     """Raises if the embeddings hold NaN or Inf (one device read); ``skip_rows`` as in :func:`all_finite`."""
     if not bool(all_finite(inputs_embeds, skip_rows)):
-        raise ValueError(f"{op}: inputs_embeds holds NaN or Inf values; the keep mask would be meaningless")
+        raise non_finite_error(op)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from . import cpu_gemm, ops
 from ._ext import ext_has_kernel
-from ._validation import all_finite, check_finite
+from ._validation import all_finite, check_finite, non_finite_error
 from .plan import DevicePlan, PlanSizes, build_plan, read_sizes, sizes_from_grid
 from .result import CompressionResult
 from .selector import VisionGuidedAudioSelector
@@ -153,19 +153,6 @@ def video_keep(x: torch.Tensor, index: IndexPlan, check_finite: bool = False) ->
     return ~ops.segmented_topk_mask(scores, index.frame_offsets, index.frame_drop)
 
 
-def _rows(x: torch.Tensor, flat_index: torch.Tensor) -> torch.Tensor:
-    """Rows ``x[b, l]`` for flat indices ``b*L + l`` (a gather that respects x's strides).
-
-    When the batch and sequence dimensions merge into one strided dimension (contiguous inputs and
-    most views) this is an ``index_select`` on a ``[B*L, D]`` view, a row copy; otherwise advanced
-    indexing with two index tensors (no copy of ``x`` either way).
-    """
-    B, L, D = x.shape
-    if B == 1 or x.stride(0) == L * x.stride(1):
-        return x.as_strided((B * L, D), (x.stride(1), x.stride(2))).index_select(0, flat_index)
-    return x[flat_index // L, flat_index % L]
-
-
 def selector_rows_dtype(x: torch.Tensor, selector: VisionGuidedAudioSelector) -> torch.dtype:
     """The dtype in which the selector's fast path takes gathered rows of ``x``: the parameters'
     dtype, or fp32 when :func:`cpu_gemm.compute_dtype` widens half precision parameters and ``x`` is
@@ -206,7 +193,7 @@ def audio_scores(
         video_chunk = plan.frame_chunk[plan.frame_id[video_flat]]
         video_rank = torch.arange(video_flat.shape[0], device=dev) - _offsets(plan.chunk_video_kept[:C])[video_chunk]
     if video_rows is None:
-        video_rows = _rows(x, video_flat)
+        video_rows = ops.video.token_rows(x, video_flat)
     if video_rows.dtype != selector_rows_dtype(x, selector):
         video_rows = video_rows.to(dtype)
     v = selector.v_norm(linear(video_rows, selector.v_proj.weight, selector.v_proj.bias))
@@ -214,7 +201,7 @@ def audio_scores(
     audio_flat = index.audio_index[:n_assigned]
     audio_chunk = index.audio_chunk[:n_assigned]
     audio_rank = torch.arange(n_assigned, device=dev) - index.audio_offsets[audio_chunk]
-    audio_rows = _rows(x, audio_flat).to(selector_rows_dtype(x, selector))
+    audio_rows = ops.video.token_rows(x, audio_flat).to(selector_rows_dtype(x, selector))
     a = selector.a_norm(linear(audio_rows, selector.a_proj.weight, selector.a_proj.bias))
     # Equal-sized chunks (known on the host: count == chunks x largest) are views of the projected
     # rows, which are grouped by chunk in chunk order; otherwise right-padded blocks and a key mask.
@@ -389,8 +376,7 @@ def fast_compress(
                 keep_v = video_keep(inputs_embeds, index, check_finite=split)
         except ValueError as e:
             if split and "NaN or Inf" in str(e):
-                raise ValueError("omnisift_kernels.compress: inputs_embeds holds NaN or Inf values; the keep "
-                                 "mask would be meaningless") from None
+                raise non_finite_error("omnisift_kernels.compress") from None
             raise
         scores = None
         if score:

@@ -239,7 +239,9 @@ def read_sizes(plan: DevicePlan, finite: torch.Tensor | None = None) -> PlanSize
     values = plan.sizes if finite is None else torch.cat([plan.sizes, finite.to(torch.int64).view(1)])
     host = values.tolist()
     if finite is not None and not host.pop():
-        raise ValueError("omnisift_kernels.compress: inputs_embeds holds NaN or Inf values; the keep mask would be meaningless")
+        from ._validation import non_finite_error
+
+        raise non_finite_error("omnisift_kernels.compress")
     return PlanSizes(*host)
 
 

@@ -64,11 +64,8 @@ class VisionGuidedAudioSelector(nn.Module):
 
     def _head(self, attended: torch.Tensor, audio_hidden: torch.Tensor, linear=F.linear) -> torch.Tensor:
         x = self.post_attn_norm(attended + audio_hidden)
-        if linear is F.linear:
-            x = self.score_head(x)
-        else:
-            hidden, out = self.score_head[0], self.score_head[2]
-            x = linear(F.silu(linear(x, hidden.weight, hidden.bias)), out.weight, out.bias)
+        hidden, out = self.score_head[0], self.score_head[2]  # Linear, SiLU, Linear
+        x = linear(F.silu(linear(x, hidden.weight, hidden.bias)), out.weight, out.bias)
         return torch.sigmoid(x).squeeze(-1).float()
 
     def forward(self, audio: torch.Tensor, video: torch.Tensor) -> torch.Tensor:
@@ -143,18 +140,13 @@ class VisionGuidedAudioSelector(nn.Module):
         :func:`omnisift_kernels.cpu_gemm.linear`).
         """
         H, nh = self.hidden_dim, self.num_heads
-        w_q, w_k, w_v = self.cross_attn.in_proj_weight.chunk(3)
-        b_q, b_k, b_v = self.cross_attn.in_proj_bias.chunk(3)
+        w, b = self.cross_attn.in_proj_weight, self.cross_attn.in_proj_bias
         C, La, _ = a.shape
         Lv = v.shape[1]
-        q = linear(a, w_q, b_q).view(C, La, nh, H // nh).transpose(1, 2)
-        if linear is F.linear:
-            k = linear(v, w_k, b_k).view(C, Lv, nh, H // nh).transpose(1, 2)
-            val = linear(v, w_v, b_v).view(C, Lv, nh, H // nh).transpose(1, 2)
-        else:  # keys and values in one GEMM (the packed weight's rows H:3H are contiguous)
-            kv = linear(v, self.cross_attn.in_proj_weight[H:], self.cross_attn.in_proj_bias[H:])
-            k = kv[..., :H].view(C, Lv, nh, H // nh).transpose(1, 2)
-            val = kv[..., H:].view(C, Lv, nh, H // nh).transpose(1, 2)
+        q = linear(a, w[:H], b[:H]).view(C, La, nh, H // nh).transpose(1, 2)
+        kv = linear(v, w[H:], b[H:])  # keys and values in one GEMM (rows H:3H of the packed weight)
+        k = kv[..., :H].view(C, Lv, nh, H // nh).transpose(1, 2)
+        val = kv[..., H:].view(C, Lv, nh, H // nh).transpose(1, 2)
         # Additive mask rather than bool: SDPA's math path treats both alike, this one is accepted by
         # every backend. -inf on padding only; every chunk has >= 1 real key, so no row is all -inf.
         bias = None

@@ -14,7 +14,7 @@ import torch
 
 from .._ext import ext_has_kernel
 from ..triton_kernels import TRITON_AVAILABLE, use_triton
-from .video import check_device, check_embeddings, check_index, check_tensor, token_rows
+from .video import check_device, check_embeddings, check_index, check_tensor, flat_rows_view, token_rows
 
 if TRITON_AVAILABLE:
     from ..triton_kernels import gather_rows_triton, gather_ste_backward_triton
@@ -33,10 +33,10 @@ def gather_rows_torch(x, indices):
     the same row copy as ``index_select``, into a huge-page backed output when it is large (a fresh
     34 MB output otherwise costs more in page faults than the copy; see csrc/cpu_alloc.h).
     """
-    B, L, D = x.shape
-    if (x.device.type == "cpu" and x.stride(2) == 1 and (B == 1 or x.stride(0) == L * x.stride(1))
+    flat = flat_rows_view(x)
+    if (flat is not None and x.device.type == "cpu" and x.stride(2) == 1
             and ext_has_kernel("varlen_gather", "CPU")):
-        return torch.ops.omnisift.varlen_gather(x.as_strided((B * L, D), (x.stride(1), 1)), indices)
+        return torch.ops.omnisift.varlen_gather(flat, indices)
     return token_rows(x, indices).contiguous()
 
 

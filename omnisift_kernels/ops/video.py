@@ -103,10 +103,20 @@ def token_rows(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     most views) this is an ``index_select`` on a ``[B*L, D]`` view, a plain row copy; otherwise
     advanced indexing with two index tensors (much slower on the CPU).
     """
+    flat = flat_rows_view(x)
+    if flat is not None:
+        return flat.index_select(0, t)
+    L = x.shape[1]
+    return x[t // L, t % L]
+
+
+def flat_rows_view(x: torch.Tensor) -> torch.Tensor | None:
+    """``x [B, L, D]`` as a ``[B*L, D]`` view when the batch and sequence dimensions merge into one
+    strided dimension (contiguous inputs and most views), else None."""
     B, L, D = x.shape
     if B == 1 or x.stride(0) == L * x.stride(1):
-        return x.as_strided((B * L, D), (x.stride(1), x.stride(2))).index_select(0, t)
-    return x[t // L, t % L]
+        return x.as_strided((B * L, D), (x.stride(1), x.stride(2)))
+    return None
 
 
 def _cosine_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
