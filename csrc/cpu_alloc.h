@@ -2,8 +2,9 @@
 //
 // glibc serves every block of 32 MiB or more (its largest mmap threshold) with a fresh mmap, so every
 // 4 KiB page of such an output faults on first write, on every call. On the project's 2-core VMs that
-// cost 15-26 ms for the 34 MB packed output of omni7b-20s, three to five times the copy itself. With
-// 2 MiB pages the same buffer takes 17 faults and the gather about 5-7.4 ms (zeroing by the kernel included).
+// made the gather of the 34 MB packed output of omni7b-20s take 20-26 ms, three to five times the copy
+// itself; with 2 MiB pages (17 faults, zeroing by the kernel included) 5-7.4 ms (python -m
+// bench.cpu_choices, and profiles of the end-to-end call).
 // Smaller blocks usually come back from glibc's heap already mapped, so they are left to at::empty.
 // This is what torch's own THP_MEM_ALLOC_ENABLE=1 does for every tensor of 2 MiB or more; here it is
 // limited to the kernels' outputs of at least 32 MiB.

@@ -4,11 +4,12 @@ The selector's projections are most of the fast path's time on the CPU (about 12
 omni7b-20s, paper-35). Two choices matter there, both measured on this project's CPU VMs:
 
 * **fp32**: ATen's ``F.linear`` calls MKL. On AMD CPUs oneDNN's fp32 matmul
-  (``torch.ops.mkldnn._linear_pointwise``) is faster for the selector's tall GEMMs and slower for
-  its short ones (Zen 3, 2 threads, the two libraries timed in alternating blocks: ``[1980, 3584] x
-  [3584, 512]`` 60.1 vs 61.4-65.3 ms, ``[1980, 512] x [512, 1024]`` 16.8 vs 19.0-19.7 ms, but
-  ``[500, 3584] x [3584, 512]`` 13.8-15.3 vs 13.3-13.8 ms); so it takes GEMMs of at least 1,024 rows
-  and ``2**28`` multiply-adds there. On the Intel VMs it was not faster: MKL stays.
+  (``torch.ops.mkldnn._linear_pointwise``) is faster for the selector's tall GEMMs and no faster for
+  its short ones (Zen 3, 2 threads, ``python -m bench.cpu_choices``, the two libraries in alternating
+  blocks, medians oneDNN vs MKL: ``[1980, 3584] x [3584, 512]`` 60.5 vs 67.4 ms, ``[1980, 512] x
+  [512, 1024]`` 15.8 vs 18.5 ms, ``[500, 3584] x [3584, 512]`` 13.7 vs 13.9 ms; an earlier run had
+  oneDNN 0.90-0.97x of MKL on the last one); so it takes GEMMs of at least 1,024 rows and ``2**28``
+  multiply-adds there. On the Intel VM of an earlier session it was not faster: MKL stays.
 * **bf16/fp16** parameters on a CPU without AVX-512 (AVX2 only): ATen has no vectorized half
   precision GEMM there and runs at about 15 GFLOP/s, 7x slower than fp32. The inputs are then
   widened to fp32 (exact), multiplied with the fp32 GEMM (fp32 accumulation, as every bf16 GEMM

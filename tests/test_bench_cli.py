@@ -121,3 +121,14 @@ def test_time_interleaved_rounds_and_rotation():
     assert [[n for n, _ in r] for r in rounds] == [list("abc"), list("bca"), list("cab"), list("abc")]
     assert all({i for _, i in r} == {r_i % 2} for r_i, r in enumerate(rounds))
     assert time_interleaved({}, 1, torch.device("cpu")) == {}
+
+
+def test_cpu_choices_tool_runs():
+    """python -m bench.cpu_choices (the measurements behind the CPU choices' documented figures)."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), PYTHONWARNINGS="ignore")
+    env.pop("TRITON_INTERPRET", None)
+    p = subprocess.run([sys.executable, "-m", "bench.cpu_choices", "--rounds", "1", "--skip-e2e"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert ("v_proj" in p.stdout and "mkl/onednn" in p.stdout) or "oneDNN linear unavailable" in p.stdout
+    assert "huge pages on" in p.stdout or "not built" in p.stdout

@@ -1,0 +1,149 @@
+"""Measures the fast path's two CPU choices on this machine (the figures quoted in
+``omnisift_kernels/cpu_gemm.py``, ``csrc/cpu_alloc.h`` and the READMEs).
+
+    python -m bench.cpu_choices [--rounds 12]
+
+1. fp32 GEMM library: the selector's GEMM shapes at omni7b-20s paper-35 (``v_proj`` on the 1,980
+   surviving video tokens, ``a_proj`` on the 500 audio tokens, keys+values on the survivors), ATen's
+   ``F.linear`` (MKL) against oneDNN's ``_linear_pointwise``, in alternating blocks of 4 calls (the
+   first call of each block not counted), so that both see the same spells of a shared VM.
+2. Huge-page outputs: ``omnisift::varlen_gather`` of the omni7b-20s packed output (2,400 of 6,680
+   rows of 3,584 fp32: 34 MB) with ``OMNISIFT_CPU_HUGEPAGES`` on and off, alternating blocks.
+3. End to end: ``compress(backend="cpu")`` on omni7b-20s fp32 paper-35 with ``OMNISIFT_CPU_GEMM``
+   ``auto`` and ``aten``, and the release-style loop, round-robin.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def _blocks(fns: dict, rounds: int, per_block: int = 4) -> dict[str, list[float]]:
+    """Alternating blocks: per round each callable ``per_block`` times (first call not timed)."""
+    names = list(fns)
+    out = {n: [] for n in names}
+    for r in range(rounds):
+        order = names if r % 2 == 0 else names[::-1]
+        for n in order:
+            for i in range(per_block):
+                t = time.perf_counter()
+                fns[n]()
+                if i:
+                    out[n].append((time.perf_counter() - t) * 1e3)
+    return out
+
+
+def _summary(samples: list[float]) -> str:
+    s = sorted(samples)
+    return f"median {statistics.median(s):7.2f} ms  p20 {s[len(s) // 5]:7.2f}"
+
+
+def gemm_libraries(rounds: int) -> None:
+    print("1. fp32 GEMM: F.linear (MKL) vs oneDNN _linear_pointwise, alternating blocks of 4 calls")
+    if not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        print("   oneDNN linear unavailable in this torch")
+        return
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, (m, k, n) in {"v_proj": (1980, 3584, 512), "a_proj": (500, 3584, 512),
+                                "keys+values": (1980, 512, 1024)}.items():
+            x = torch.randn(m, k, generator=g)
+            w = torch.randn(n, k, generator=g) / k ** 0.5
+            b = torch.randn(n, generator=g)
+            res = _blocks({"mkl": lambda: F.linear(x, w, b),
+                           "onednn": lambda: torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")}, rounds)
+            ratio = statistics.median(res["mkl"]) / statistics.median(res["onednn"])
+            print(f"   {name:12s} [{m}, {k}] x [{k}, {n}]  mkl {_summary(res['mkl'])} | onednn "
+                  f"{_summary(res['onednn'])} | mkl/onednn {ratio:.2f}")
+
+
+def hugepage_outputs(rounds: int) -> None:
+    print("2. varlen_gather of a 34 MB output, OMNISIFT_CPU_HUGEPAGES=1 vs 0, alternating blocks of 4 calls")
+    from omnisift_kernels._ext import ext_has_kernel
+
+    if not ext_has_kernel("varlen_gather", "CPU"):
+        print("   the extension is not built")
+        return
+    x = torch.randn(6680, 3584)
+    idx = torch.randperm(6680, generator=torch.Generator().manual_seed(0))[:2400].sort().values
+
+    def gather(flag):
+        def run():
+            os.environ["OMNISIFT_CPU_HUGEPAGES"] = flag
+            torch.ops.omnisift.varlen_gather(x, idx)
+        return run
+
+    old = os.environ.get("OMNISIFT_CPU_HUGEPAGES")
+    try:
+        res = _blocks({"on": gather("1"), "off": gather("0")}, rounds)
+    finally:
+        if old is None:
+            os.environ.pop("OMNISIFT_CPU_HUGEPAGES", None)
+        else:
+            os.environ["OMNISIFT_CPU_HUGEPAGES"] = old
+    print(f"   huge pages on  {_summary(res['on'])}\n   huge pages off {_summary(res['off'])}")
+
+
+def end_to_end(rounds: int) -> None:
+    print("3. end to end, omni7b-20s fp32 paper-35: OMNISIFT_CPU_GEMM auto vs aten vs the release-style loop, "
+          "round-robin")
+    from omnisift_kernels import compress
+
+    from .cases import CaseFactory
+    from .release_loop import release_loop_compress
+
+    case = CaseFactory().cases("omni7b-20s", "fp32", "paper-35", torch.device("cpu"), [0])[0]
+    kw = case.kwargs()
+
+    def fast(policy):
+        def run():
+            os.environ["OMNISIFT_CPU_GEMM"] = policy
+            compress(**kw, backend="cpu")
+        return run
+
+    fns = {"auto": fast("auto"), "aten": fast("aten"), "release-loop": lambda: release_loop_compress(**kw)}
+    old = os.environ.get("OMNISIFT_CPU_GEMM")
+    try:
+        for f in fns.values():
+            f()
+        samples = {n: [] for n in fns}
+        names = list(fns)
+        for r in range(rounds):
+            k = r % len(names)
+            for n in names[k:] + names[:k]:
+                t = time.perf_counter()
+                fns[n]()
+                samples[n].append((time.perf_counter() - t) * 1e3)
+    finally:
+        if old is None:
+            os.environ.pop("OMNISIFT_CPU_GEMM", None)
+        else:
+            os.environ["OMNISIFT_CPU_GEMM"] = old
+    loop = statistics.median(samples["release-loop"])
+    for n, s in samples.items():
+        print(f"   {n:12s} {_summary(s)} | x release {loop / statistics.median(s):.2f}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=12, help="rounds of each comparison (default 12)")
+    ap.add_argument("--skip-e2e", action="store_true", help="only the GEMM and gather comparisons")
+    args = ap.parse_args(argv)
+    from .env import environment, header_line
+
+    print(header_line(environment(torch.device("cpu"))))
+    gemm_libraries(args.rounds)
+    hugepage_outputs(args.rounds)
+    if not args.skip_e2e:
+        end_to_end(args.rounds)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
