@@ -4,12 +4,19 @@ The selector's projections are most of the fast path's time on the CPU (about 12
 omni7b-20s, paper-35). Two choices matter there, both measured on this project's CPU VMs:
 
 * **fp32**: ATen's ``F.linear`` calls MKL. On AMD CPUs oneDNN's fp32 matmul
-  (``torch.ops.mkldnn._linear_pointwise``) is faster for the selector's tall GEMMs and no faster for
-  its short ones (Zen 3, 2 threads, ``python -m bench.cpu_choices``, the two libraries in alternating
-  blocks, medians oneDNN vs MKL: ``[1980, 3584] x [3584, 512]`` 60.5 vs 67.4 ms, ``[1980, 512] x
-  [512, 1024]`` 15.8 vs 18.5 ms, ``[500, 3584] x [3584, 512]`` 13.7 vs 13.9 ms; an earlier run had
-  oneDNN 0.90-0.97x of MKL on the last one); so it takes GEMMs of at least 1,024 rows and ``2**28``
-  multiply-adds there. On the Intel VM of an earlier session it was not faster: MKL stays.
+  (``torch.ops.mkldnn._linear_pointwise``) is faster (``python -m bench.cpu_choices``: the two
+  libraries in alternating blocks, 2 threads, medians oneDNN vs MKL):
+
+  - Zen 4 (AVX-512): faster at every selector shape, ``[1980, 3584] x [3584, 512]`` 36.5-37.0 vs
+    45.1-45.3 ms, ``[500, 3584] x [3584, 512]`` 9.1-9.4 vs 11.2 ms, ``[1980, 512] x [512, 1024]``
+    10.0-12.2 vs 12.0-16.1 ms, ``[500, 512] x [512, 512]`` 1.25 vs 1.32 ms; slower only far below
+    ``MIN_MACS`` (the score head's ``[500, 256] x [256, 1]``).
+  - Zen 3 (AVX2): faster for the tall GEMMs (60.5 vs 67.4 ms, 15.8 vs 18.5 ms), not for the
+    500-row ``a_proj`` (13.7 vs 13.9 ms; an earlier run 0.90-0.97x of MKL): ``MIN_ROWS`` there.
+
+  So on AMD oneDNN takes fp32 GEMMs of at least ``MIN_MACS`` multiply-adds, and where the CPU lacks
+  AVX-512 only those of at least ``MIN_ROWS`` rows. On the Intel VM of an earlier session it was
+  not faster: MKL stays.
 * **bf16/fp16** parameters on a CPU without AVX-512 (AVX2 only): ATen has no vectorized half
   precision GEMM there and runs at about 15 GFLOP/s, 7x slower than fp32. The inputs are then
   widened to fp32 (exact), multiplied with the fp32 GEMM (fp32 accumulation, as every bf16 GEMM
@@ -38,9 +45,10 @@ import torch.nn.functional as F
 
 __all__ = ["linear", "compute_dtype", "gemm_policy"]
 
-#: oneDNN takes fp32 GEMMs of at least this many rows and multiply-adds (smaller ones: ``F.linear``).
+#: oneDNN takes fp32 GEMMs of at least ``MIN_MACS`` multiply-adds (smaller ones: ``F.linear``), and on
+#: CPUs without AVX-512 only those of at least ``MIN_ROWS`` rows.
 MIN_ROWS = 1024
-MIN_MACS = 1 << 28
+MIN_MACS = 1 << 24
 
 _HALF = (torch.bfloat16, torch.float16)
 
@@ -79,19 +87,21 @@ def _env(name: str, allowed: tuple[str, ...]) -> str:
     return value
 
 
-def gemm_policy() -> dict[str, str]:
-    """The choices in force: ``{"fp32": "onednn"|"aten", "half": "fp32"|"native"}``."""
+def gemm_policy() -> dict:
+    """The choices in force: ``{"fp32": "onednn"|"aten", "half": "fp32"|"native", "onednn_min_rows":
+    int}`` (the fewest rows of a GEMM oneDNN takes: 0 on CPUs with AVX-512, ``MIN_ROWS`` without)."""
     lib = _env("OMNISIFT_CPU_GEMM", ("auto", "aten", "onednn"))
     half = _env("OMNISIFT_CPU_HALF_GEMM", ("auto", "native", "fp32"))
+    min_rows = 0 if _cpu_has_avx512() else MIN_ROWS
     if lib == "aten":
-        return {"fp32": "aten", "half": "native"}
+        return {"fp32": "aten", "half": "native", "onednn_min_rows": min_rows}
     if lib == "auto":
         lib = "onednn" if cpu_vendor() == "amd" else "aten"
     if lib == "onednn" and not _onednn_linear_available():
         lib = "aten"
     if half == "auto":
         half = "native" if _cpu_has_avx512() else "fp32"
-    return {"fp32": lib, "half": half}
+    return {"fp32": lib, "half": half, "onednn_min_rows": min_rows}
 
 
 def _eligible(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
@@ -102,10 +112,10 @@ def _eligible(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) 
                                              or (bias is not None and bias.requires_grad)))
 
 
-def fp32_library(rows: int, n: int, k: int, policy: dict[str, str] | None = None) -> str:
+def fp32_library(rows: int, n: int, k: int, policy: dict | None = None) -> str:
     """``"onednn"`` or ``"aten"``: the library of an fp32 ``[rows, k] x [k, n]`` inference GEMM."""
     policy = gemm_policy() if policy is None else policy
-    large = rows >= MIN_ROWS and rows * n * k >= MIN_MACS
+    large = rows >= policy["onednn_min_rows"] and rows * n * k >= MIN_MACS
     return policy["fp32"] if large else "aten"
 
 

@@ -26,8 +26,10 @@ def policy(monkeypatch):
 
 
 def test_policy_from_environment(policy, monkeypatch):
-    assert policy("aten", "fp32") == {"fp32": "aten", "half": "native"}  # aten: both choices off
-    assert policy("onednn", "fp32") == {"fp32": "onednn" if ONEDNN else "aten", "half": "fp32"}
+    min_rows = 0 if cpu_gemm._cpu_has_avx512() else cpu_gemm.MIN_ROWS
+    assert policy("aten", "fp32") == {"fp32": "aten", "half": "native", "onednn_min_rows": min_rows}  # both off
+    assert policy("onednn", "fp32") == {"fp32": "onednn" if ONEDNN else "aten", "half": "fp32",
+                                        "onednn_min_rows": min_rows}
     assert policy("onednn", "native")["half"] == "native"
     auto = policy("auto", "auto")
     assert auto["fp32"] == ("onednn" if cpu_gemm.cpu_vendor() == "amd" and ONEDNN else "aten")
@@ -41,14 +43,19 @@ def test_policy_from_environment(policy, monkeypatch):
         cpu_gemm.gemm_policy()
 
 
-def test_onednn_takes_only_tall_large_gemms(policy):
+def test_onednn_takes_only_large_gemms(policy):
     pol = policy("onednn", "auto")
     want = "onednn" if ONEDNN else "aten"
     assert cpu_gemm.fp32_library(1980, 512, 3584, pol) == want  # v_proj over the surviving video
     assert cpu_gemm.fp32_library(1980, 1024, 512, pol) == want  # keys and values
-    assert cpu_gemm.fp32_library(500, 512, 3584, pol) == "aten"  # a_proj: MKL is faster at 500 rows
+    assert cpu_gemm.fp32_library(500, 512, 512, pol) == (want if pol["onednn_min_rows"] <= 500 else "aten")  # Q, O
     assert cpu_gemm.fp32_library(4000, 8, 8, pol) == "aten"  # tiny
+    assert cpu_gemm.fp32_library(500, 1, 256, pol) == "aten"  # the score head's output: below MIN_MACS
     assert cpu_gemm.fp32_library(1980, 512, 3584, policy("aten", "auto")) == "aten"
+    # a_proj (500 rows): oneDNN where the CPU has AVX-512 (Zen 4), MKL without (Zen 3).
+    assert cpu_gemm.fp32_library(500, 512, 3584, dict(pol, onednn_min_rows=0)) == want
+    assert cpu_gemm.fp32_library(500, 512, 3584, dict(pol, onednn_min_rows=cpu_gemm.MIN_ROWS)) == "aten"
+    assert cpu_gemm.fp32_library(1024, 512, 3584, dict(pol, onednn_min_rows=cpu_gemm.MIN_ROWS)) == want
 
 
 @pytest.mark.parametrize("lib, half", POLICIES)
@@ -124,16 +131,19 @@ def test_fast_path_matches_reference_under_each_policy(policy, lib, half, select
 
 
 # ------------------------------------------------------------------------------------------------
-# Huge-page outputs (csrc/cpu_alloc.h)
+# Large outputs of the extension's CPU kernels: the cache of freed blocks and huge pages (csrc/cpu_alloc.h)
 
 needs_gather = pytest.mark.skipif(not ext_has_kernel("varlen_gather", "CPU"), reason="needs the extension")
 
 
 @needs_gather
+@pytest.mark.parametrize("cache_mb", [None, "0"])
 @pytest.mark.parametrize("hugepages", ["1", "0"])
-@pytest.mark.parametrize("rows", [5, 9000])  # 9000 x 1024 fp32 = 36.9 MB: above the 32 MiB threshold
-def test_large_outputs_are_ordinary_tensors(monkeypatch, hugepages, rows):
+@pytest.mark.parametrize("rows", [5, 600, 9000])  # 2.4 MB: cached; 36.9 MB: cached, huge pages when new
+def test_large_outputs_are_ordinary_tensors(monkeypatch, hugepages, rows, cache_mb):
     monkeypatch.setenv("OMNISIFT_CPU_HUGEPAGES", hugepages)
+    if cache_mb is not None:
+        monkeypatch.setenv("OMNISIFT_CPU_OUTPUT_CACHE_MB", cache_mb)
     src = torch.randn(10000, 1024)
     idx = torch.randint(0, 10000, (rows,))
     out = torch.ops.omnisift.varlen_gather(src, idx)
@@ -145,6 +155,92 @@ def test_large_outputs_are_ordinary_tensors(monkeypatch, hugepages, rows):
     clone = out.clone()
     del out
     assert clone.shape == (rows + 7, 1024)
+
+
+def _cache_bytes() -> int:
+    return torch.ops.omnisift.cpu_output_cache_bytes()
+
+
+@pytest.fixture
+def empty_output_cache(monkeypatch):
+    monkeypatch.delenv("OMNISIFT_CPU_OUTPUT_CACHE_MB", raising=False)
+    torch.ops.omnisift.release_cpu_output_cache()
+    yield
+    torch.ops.omnisift.release_cpu_output_cache()
+
+
+MIB = 1 << 20
+
+
+@needs_gather
+def test_freed_outputs_are_cached_and_reused(empty_output_cache):
+    src = torch.randn(4096, 1024)
+    idx = torch.randperm(4096, generator=torch.Generator().manual_seed(0))[:1000]
+    out = torch.ops.omnisift.varlen_gather(src, idx)  # 4,096,000 bytes: a 4 MiB block
+    ptr = out.data_ptr()
+    assert _cache_bytes() == 0
+    del out
+    assert _cache_bytes() == 4 * MIB
+    # A request of at least half the block reuses it (old contents overwritten), and leaves the cache.
+    again = torch.ops.omnisift.varlen_gather(src, idx[:600])  # 2.4 MB -> 4 MiB block: 3 MiB would do, fits
+    assert again.data_ptr() == ptr and _cache_bytes() == 0
+    assert torch.equal(again, src[idx[:600]])
+    del again
+    # Smaller than half: a new block; the cached one stays.
+    small = torch.ops.omnisift.varlen_gather(src, idx[:300])  # 1.2 MB -> 2 MiB block
+    assert small.data_ptr() != ptr and _cache_bytes() == 4 * MIB
+    assert torch.equal(small, src[idx[:300]])
+    del small
+    assert _cache_bytes() == 6 * MIB
+    # Below 1 MiB: torch's allocator, never cached.
+    tiny = torch.ops.omnisift.varlen_gather(src, idx[:10])
+    del tiny
+    assert _cache_bytes() == 6 * MIB
+    assert torch.ops.omnisift.release_cpu_output_cache() == 6 * MIB and _cache_bytes() == 0
+
+
+@needs_gather
+def test_output_cache_limit_and_off(empty_output_cache, monkeypatch):
+    src = torch.randn(4096, 1024)
+    idx = torch.arange(1000)
+    monkeypatch.setenv("OMNISIFT_CPU_OUTPUT_CACHE_MB", "9")
+    a, b, c = (torch.ops.omnisift.varlen_gather(src, idx) for _ in range(3))  # three 4 MiB blocks
+    kept = {b.data_ptr(), c.data_ptr()}
+    del a, b, c  # freed in this order: the third block pushes the first out of a 9 MiB cache
+    assert _cache_bytes() == 8 * MIB
+    reuse = [torch.ops.omnisift.varlen_gather(src, idx) for _ in range(2)]
+    assert {o.data_ptr() for o in reuse} == kept
+    assert _cache_bytes() == 0
+    del reuse
+    for off in ("0", "off", "-3"):
+        monkeypatch.setenv("OMNISIFT_CPU_OUTPUT_CACHE_MB", off)
+        torch.ops.omnisift.release_cpu_output_cache()
+        out = torch.ops.omnisift.varlen_gather(src, idx)
+        assert torch.equal(out, src[idx])
+        del out
+        assert _cache_bytes() == 0
+    monkeypatch.setenv("OMNISIFT_CPU_OUTPUT_CACHE_MB", "2")  # a 4 MiB block exceeds the limit: freed
+    out = torch.ops.omnisift.varlen_gather(src, idx)
+    del out
+    assert _cache_bytes() == 0
+
+
+@needs_gather
+def test_fast_path_reuses_its_outputs(empty_output_cache):
+    """Two calls of the fast path on the same clip: the second takes its large outputs (the surviving
+    video rows, the packed embeddings) from the cache and returns the same result."""
+    torch.manual_seed(5)
+    sel = VisionGuidedAudioSelector(1024).eval().requires_grad_(False)
+    batch = make_batch([clip_row(8, 16, 16)], 1024, seed=3)
+    kw = dict(batch.compress_kwargs(), selector=sel, rho_video=0.5, rho_audio=0.5)
+    first = compress(**kw, backend="cpu")
+    expected = first.inputs_embeds.clone()
+    del first
+    held = _cache_bytes()
+    assert held >= 2 * MIB  # both outputs are over 1 MiB
+    second = compress(**kw, backend="cpu")
+    assert _cache_bytes() < held
+    assert torch.equal(second.inputs_embeds, expected)
 
 
 @needs_gather
