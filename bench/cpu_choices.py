@@ -1,4 +1,4 @@
-"""Measures the fast path's two CPU choices on this machine (the figures quoted in
+"""Measures the fast path's CPU choices on this machine (the figures quoted in
 ``omnisift_kernels/cpu_gemm.py``, ``csrc/cpu_alloc.h`` and the READMEs).
 
     python -m bench.cpu_choices [--rounds 12]
@@ -9,8 +9,10 @@
    first call of each block not counted), so that both see the same spells of a shared VM.
 2. Huge-page outputs: ``omnisift::varlen_gather`` of the omni7b-20s packed output (2,400 of 6,680
    rows of 3,584 fp32: 34 MB) with ``OMNISIFT_CPU_HUGEPAGES`` on and off, alternating blocks.
-3. End to end: ``compress(backend="cpu")`` on omni7b-20s fp32 paper-35 with ``OMNISIFT_CPU_GEMM``
-   ``auto`` and ``aten``, and the release-style loop, round-robin.
+3. End to end: ``compress(backend="cpu")`` on omni7b-20s paper-35, fp32 and bf16, as configured,
+   with ``OMNISIFT_CPU_GEMM=aten`` and with ``OMNISIFT_CPU_OUTPUT_CACHE_MB=0`` (no cache of freed
+   blocks), and the release-style loop, round-robin (so each call follows another provider's, as in
+   ``python -m bench``).
 """
 
 from __future__ import annotations
@@ -90,41 +92,44 @@ def hugepage_outputs(rounds: int) -> None:
     print(f"   huge pages on  {_summary(res['on'])}\n   huge pages off {_summary(res['off'])}")
 
 
-def end_to_end(rounds: int) -> None:
-    print("3. end to end, omni7b-20s fp32 paper-35: OMNISIFT_CPU_GEMM auto vs aten vs the release-style loop, "
-          "round-robin")
+def end_to_end(rounds: int, dtype: str = "fp32") -> None:
+    print(f"3. end to end, omni7b-20s {dtype} paper-35, round-robin: the fast path as configured (auto), with "
+          "OMNISIFT_CPU_GEMM=aten, with OMNISIFT_CPU_OUTPUT_CACHE_MB=0 (no block cache), and the release-style loop")
     from omnisift_kernels import compress
 
     from .cases import CaseFactory
     from .release_loop import release_loop_compress
 
-    case = CaseFactory().cases("omni7b-20s", "fp32", "paper-35", torch.device("cpu"), [0])[0]
+    case = CaseFactory().cases("omni7b-20s", dtype, "paper-35", torch.device("cpu"), [0], "same")[0]
     kw = case.kwargs()
+    names_env = {"auto": {}, "aten": {"OMNISIFT_CPU_GEMM": "aten"}, "no-cache": {"OMNISIFT_CPU_OUTPUT_CACHE_MB": "0"}}
 
-    def fast(policy):
+    def fast(env):
         def run():
-            os.environ["OMNISIFT_CPU_GEMM"] = policy
-            compress(**kw, backend="cpu")
+            old = {k: os.environ.get(k) for k in env}
+            os.environ.update(env)
+            try:
+                compress(**kw, backend="cpu")
+            finally:
+                for k, v in old.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
         return run
 
-    fns = {"auto": fast("auto"), "aten": fast("aten"), "release-loop": lambda: release_loop_compress(**kw)}
-    old = os.environ.get("OMNISIFT_CPU_GEMM")
-    try:
-        for f in fns.values():
-            f()
-        samples = {n: [] for n in fns}
-        names = list(fns)
-        for r in range(rounds):
-            k = r % len(names)
-            for n in names[k:] + names[:k]:
-                t = time.perf_counter()
-                fns[n]()
-                samples[n].append((time.perf_counter() - t) * 1e3)
-    finally:
-        if old is None:
-            os.environ.pop("OMNISIFT_CPU_GEMM", None)
-        else:
-            os.environ["OMNISIFT_CPU_GEMM"] = old
+    fns = {n: fast(env) for n, env in names_env.items()}
+    fns["release-loop"] = lambda: release_loop_compress(**kw)
+    for f in fns.values():
+        f()
+    samples = {n: [] for n in fns}
+    names = list(fns)
+    for r in range(rounds):
+        k = r % len(names)
+        for n in names[k:] + names[:k]:
+            t = time.perf_counter()
+            fns[n]()
+            samples[n].append((time.perf_counter() - t) * 1e3)
     loop = statistics.median(samples["release-loop"])
     for n, s in samples.items():
         print(f"   {n:12s} {_summary(s)} | x release {loop / statistics.median(s):.2f}")
@@ -141,7 +146,8 @@ def main(argv=None) -> int:
     gemm_libraries(args.rounds)
     hugepage_outputs(args.rounds)
     if not args.skip_e2e:
-        end_to_end(args.rounds)
+        for dtype in ("fp32", "bf16"):
+            end_to_end(args.rounds, dtype)
     return 0
 
 

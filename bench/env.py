@@ -67,7 +67,8 @@ def build_summary() -> str:
 
 def cpu_choices() -> str:
     """The fast path's CPU choices in force: the selector's GEMM library and half precision handling
-    (omnisift_kernels.cpu_gemm) and the extension's huge-page outputs (csrc/cpu_alloc.h)."""
+    (omnisift_kernels.cpu_gemm), the extension's cache of freed blocks and its huge pages
+    (csrc/cpu_alloc.h)."""
     try:
         from omnisift_kernels.cpu_gemm import gemm_policy
 
@@ -76,7 +77,9 @@ def cpu_choices() -> str:
     except Exception as exc:
         gemm = f"cpu gemm unknown ({type(exc).__name__})"
     hp = os.environ.get("OMNISIFT_CPU_HUGEPAGES", "1") not in ("0", "false", "off")  # as csrc/cpu_alloc.h
-    return f"{gemm} | hugepage outputs {'on' if hp else 'off'}"
+    mb = os.environ.get("OMNISIFT_CPU_OUTPUT_CACHE_MB", "").strip() or "256"
+    cache = f"{mb} MiB" if mb.isdigit() and int(mb) > 0 else "off"
+    return f"{gemm} | block cache {cache} | hugepages {'on' if hp else 'off'}"
 
 
 def environment(device: torch.device) -> dict:

@@ -8,17 +8,19 @@
 // heap; after a call of the release-style loop (or of a model) the fast path's two outputs of
 // omni7b-20s bf16 (14 and 17 MB) faulted about 7,500 pages per call, 8-12 ms of a 45 ms call.
 //
-// So the kernels' outputs of 1 MiB or more come from a small cache of freed output blocks, as CUDA's
-// caching allocator does on the GPU: a block is reused for a request of at least half its size, so a
-// steady stream of calls faults nothing. A freed block is kept while the cache holds at most
-// OMNISIFT_CPU_OUTPUT_CACHE_MB (default 256; the oldest blocks are freed to make room; 0 turns the cache
-// off); torch.ops.omnisift.release_cpu_output_cache() frees every cached block. A new block of 32 MiB or
-// more gets 2 MiB pages (posix_memalign 2 MiB + MADV_HUGEPAGE; OMNISIFT_CPU_HUGEPAGES=0 turns that off;
-// smaller blocks with 2 MiB pages measured slower, so they are plain). A block's bytes are not cleared
-// for reuse: every kernel here writes all of its output.
+// So blocks of 1 MiB or more come from a cache of freed blocks, as CUDA's caching allocator does on the
+// GPU: a block is reused for a request of at least half its size, so a steady stream of calls faults
+// nothing. Two users: the kernels' outputs (empty_cpu_output, always), and torch's CPU allocator while a
+// cpu_allocator_scope is open (the Python fast path opens one around each CPU call, so that its GEMM
+// outputs and other intermediates reuse blocks too; smaller blocks are then plain posix_memalign).
+// A freed block is kept while the cache holds at most OMNISIFT_CPU_OUTPUT_CACHE_MB (default 256; the
+// oldest blocks are freed to make room; 0 turns the cache off); release_cpu_output_cache() frees every
+// cached block. A new block of 32 MiB or more gets 2 MiB pages (posix_memalign 2 MiB + MADV_HUGEPAGE;
+// OMNISIFT_CPU_HUGEPAGES=0 turns that off; smaller blocks with 2 MiB pages measured slower, so they
+// are plain). A block's bytes are not cleared for reuse (allocators never clear).
 //
-// The storage stays resizable (a later resize_ allocates with torch's CPU allocator and hands this
-// block back to the cache).
+// Every block's DataPtr has context == data and the one deleter release_block (a side table holds the
+// capacities), so torch treats them as plain allocations (raw_deleter, copy-on-write clones).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -29,6 +31,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <unordered_map>
 #include <vector>
 
 #if defined(__linux__)
@@ -56,7 +59,7 @@ inline size_t cpu_output_cache_limit() {
 namespace detail {
 
 constexpr size_t kHugePage = size_t(2) << 20;
-constexpr size_t kMinCachedBytes = size_t(1) << 20;     // smaller outputs: at::empty
+constexpr size_t kMinCachedBytes = size_t(1) << 20;     // smaller blocks: torch's allocator
 constexpr size_t kMinHugePageBytes = size_t(32) << 20;  // glibc's largest mmap threshold
 
 struct Block {
@@ -64,10 +67,12 @@ struct Block {
   size_t capacity;  // bytes, a multiple of 2 MiB
 };
 
-// Freed output blocks, most recent last. Leaked on purpose: tensors may be freed during exit.
+// Freed blocks (most recent last) and the capacity of every live block. Leaked on purpose: tensors
+// may be freed during exit.
 struct BlockCache {
   std::mutex mutex;
   std::vector<Block> blocks;
+  std::unordered_map<void*, size_t> live;
   size_t bytes = 0;
 };
 
@@ -76,58 +81,120 @@ inline BlockCache& block_cache() {
   return *cache;
 }
 
-// The smallest cached block of capacity in [capacity, 2 * capacity), or {nullptr, 0}.
-inline Block take_cached_block(size_t capacity) {
-  BlockCache& c = block_cache();
-  std::lock_guard<std::mutex> lock(c.mutex);
-  size_t best = c.blocks.size();
-  for (size_t i = 0; i < c.blocks.size(); ++i) {
-    const size_t cap = c.blocks[i].capacity;
-    if (cap >= capacity && cap < 2 * capacity && (best == c.blocks.size() || cap < c.blocks[best].capacity)) best = i;
-  }
-  if (best == c.blocks.size()) return Block{nullptr, 0};
-  const Block b = c.blocks[best];
-  c.bytes -= b.capacity;
-  c.blocks.erase(c.blocks.begin() + static_cast<std::ptrdiff_t>(best));
-  return b;
-}
-
-// The DataPtr deleter: keeps the block for reuse within the cache's limit (dropping the oldest blocks
-// to make room), else frees it.
-inline void release_block(void* ctx) {
-  Block* b = static_cast<Block*>(ctx);
+// The DataPtr deleter (context == data, so torch sees a plain data pointer): keeps the block for
+// reuse within the cache's limit (dropping the oldest blocks to make room), else frees it.
+inline void release_block(void* ptr) {
   const size_t limit = cpu_output_cache_limit();
   std::vector<void*> to_free;
-  if (b->capacity > limit) {
-    to_free.push_back(b->ptr);
-  } else {
+  {
     BlockCache& c = block_cache();
     std::lock_guard<std::mutex> lock(c.mutex);
-    size_t drop = 0;
-    while (drop < c.blocks.size() && c.bytes + b->capacity > limit) {
-      c.bytes -= c.blocks[drop].capacity;
-      to_free.push_back(c.blocks[drop].ptr);
-      ++drop;
+    const auto it = c.live.find(ptr);  // absent: a small block of CachedCPUAllocator (or nullptr)
+    const size_t capacity = it == c.live.end() ? 0 : it->second;
+    if (it != c.live.end()) c.live.erase(it);
+    if (capacity == 0 || capacity > limit) {
+      to_free.push_back(ptr);
+    } else {
+      size_t drop = 0;
+      while (drop < c.blocks.size() && c.bytes + capacity > limit) {
+        c.bytes -= c.blocks[drop].capacity;
+        to_free.push_back(c.blocks[drop].ptr);
+        ++drop;
+      }
+      c.blocks.erase(c.blocks.begin(), c.blocks.begin() + static_cast<std::ptrdiff_t>(drop));
+      c.blocks.push_back(Block{ptr, capacity});
+      c.bytes += capacity;
     }
-    c.blocks.erase(c.blocks.begin(), c.blocks.begin() + static_cast<std::ptrdiff_t>(drop));
-    c.blocks.push_back(*b);
-    c.bytes += b->capacity;
   }
-  delete b;
   for (void* p : to_free) std::free(p);
 }
 
-inline void* allocate_block(size_t capacity) {
+// A block of at least nbytes: the smallest cached one of capacity below twice the request, else a
+// new one (2 MiB pages from 32 MiB on). nullptr when memory runs out.
+inline void* acquire_block(size_t nbytes, bool use_cache) {
+  const size_t capacity = (nbytes + kHugePage - 1) / kHugePage * kHugePage;
+  BlockCache& c = block_cache();
+  if (use_cache) {
+    std::lock_guard<std::mutex> lock(c.mutex);
+    size_t best = c.blocks.size();
+    for (size_t i = 0; i < c.blocks.size(); ++i) {
+      const size_t cap = c.blocks[i].capacity;
+      if (cap >= capacity && cap < 2 * capacity && (best == c.blocks.size() || cap < c.blocks[best].capacity)) {
+        best = i;
+      }
+    }
+    if (best != c.blocks.size()) {
+      const Block b = c.blocks[best];
+      c.bytes -= b.capacity;
+      c.blocks.erase(c.blocks.begin() + static_cast<std::ptrdiff_t>(best));
+      c.live.emplace(b.ptr, b.capacity);
+      return b.ptr;
+    }
+  }
   void* block = nullptr;
   const bool huge = capacity >= kMinHugePageBytes && cpu_hugepage_outputs_enabled();
   if (posix_memalign(&block, huge ? kHugePage : 64, capacity) != 0) return nullptr;
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   if (huge) (void)madvise(block, capacity, MADV_HUGEPAGE);  // advice: a no-op where THP is off
 #endif
+  std::lock_guard<std::mutex> lock(c.mutex);
+  c.live.emplace(block, use_cache ? capacity : 0);  // capacity 0: freed, never cached
   return block;
 }
 
+// torch's CPU allocator while a cpu_allocator_scope is open: blocks of 1 MiB or more from the cache,
+// smaller ones from posix_memalign (64-byte aligned, as torch's own). One deleter for every block
+// (oneDNN allocates through raw_allocate/raw_deallocate, which need it).
+struct CachedCPUAllocator final : public c10::Allocator {
+  c10::Allocator* previous = nullptr;
+  c10::DataPtr allocate(size_t n) override {
+    const c10::Device cpu(c10::kCPU);
+    if (n == 0) return {nullptr, nullptr, &release_block, cpu};
+    void* p = nullptr;
+    if (n >= kMinCachedBytes && cpu_output_cache_limit() > 0) {
+      p = acquire_block(n, true);
+    } else if (posix_memalign(&p, 64, n) != 0) {
+      p = nullptr;
+    }
+    TORCH_CHECK(p != nullptr, "omnisift: CPU out of memory allocating ", n, " bytes");
+    return {p, p, &release_block, cpu};
+  }
+  c10::DeleterFnPtr raw_deleter() const override { return &release_block; }
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+};
+
+struct AllocatorScopeState {
+  std::mutex mutex;
+  int depth = 0;
+  CachedCPUAllocator allocator;
+};
+
+inline AllocatorScopeState& allocator_scope_state() {
+  static AllocatorScopeState* state = new AllocatorScopeState();
+  return *state;
+}
+
 }  // namespace detail
+
+// Opens (enter) or closes a scope in which torch's CPU allocator serves allocations of 1 MiB or more
+// from the cache (nested and concurrent scopes share one; the allocator in place before the first is
+// restored when the last closes). c10::SetCPUAllocator keeps an allocator of higher priority that
+// someone else installed: the scope then changes nothing. Returns whether the cache is in place.
+inline bool cpu_allocator_scope(bool enter) {
+  auto& st = detail::allocator_scope_state();
+  std::lock_guard<std::mutex> lock(st.mutex);
+  if (enter) {
+    if (st.depth++ == 0) {
+      st.allocator.previous = c10::GetCPUAllocator();
+      c10::SetCPUAllocator(&st.allocator, /*priority=*/0);
+    }
+  } else if (st.depth > 0 && --st.depth == 0) {
+    if (c10::GetCPUAllocator() == &st.allocator) c10::SetCPUAllocator(st.allocator.previous, /*priority=*/0);
+  }
+  return c10::GetCPUAllocator() == &st.allocator;
+}
 
 // Frees every cached block; returns the bytes released.
 inline int64_t release_cpu_output_cache() {
@@ -154,7 +221,7 @@ inline int64_t cpu_output_cache_bytes() {
 }
 
 // at::empty(sizes, options) for a kernel's CPU output; outputs of 1 MiB or more come from the cache of
-// freed outputs when it holds a block that fits, else from a new block (2 MiB pages from 32 MiB on).
+// freed blocks when it holds one that fits, else from a new block (2 MiB pages from 32 MiB on).
 inline at::Tensor empty_cpu_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
   int64_t numel = 1;
   for (const int64_t s : sizes) numel *= s;
@@ -164,16 +231,10 @@ inline at::Tensor empty_cpu_output(at::IntArrayRef sizes, const at::TensorOption
   if (!options.device().is_cpu() || nbytes < detail::kMinCachedBytes || !(cached || huge)) {
     return at::empty(sizes, options);
   }
-  const size_t capacity = (nbytes + detail::kHugePage - 1) / detail::kHugePage * detail::kHugePage;
-  detail::Block block = cached ? detail::take_cached_block(capacity) : detail::Block{nullptr, 0};
-  if (block.ptr == nullptr) {
-    block = detail::Block{detail::allocate_block(capacity), capacity};
-    if (block.ptr == nullptr) return at::empty(sizes, options);
-  }
-  // The deleter's context: the block and its capacity (a cached block may be up to 2x the request).
-  auto* ctx = new detail::Block(block);
+  void* block = detail::acquire_block(nbytes, cached);
+  if (block == nullptr) return at::empty(sizes, options);
   c10::Storage storage(c10::Storage::use_byte_size_t(), nbytes,
-                       c10::DataPtr(block.ptr, ctx, &detail::release_block, c10::Device(c10::kCPU)),
+                       c10::DataPtr(block, block, &detail::release_block, c10::Device(c10::kCPU)),
                        c10::GetCPUAllocator(), /*resizable=*/true);
   at::Tensor out = at::empty({0}, options);
   out.set_(std::move(storage), 0, sizes);

@@ -250,6 +250,8 @@ TORCH_LIBRARY(omnisift, m) {
   // The cache of freed CPU outputs (cpu_alloc.h): bytes held now; free them all (returns the bytes).
   m.def("cpu_output_cache_bytes() -> int", &omnisift::cpu_output_cache_bytes);
   m.def("release_cpu_output_cache() -> int", &omnisift::release_cpu_output_cache);
+  // Opens/closes a scope in which torch's CPU allocator takes blocks of 1 MiB or more from that cache.
+  m.def("cpu_allocator_scope(bool enter) -> bool", &omnisift::cpu_allocator_scope);
 }
 
 TORCH_LIBRARY_IMPL(omnisift, CPU, m) {

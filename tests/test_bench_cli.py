@@ -50,7 +50,7 @@ def test_quick_table_and_json(quick_run):
     assert any(r["op"] == "selector-projections floor" for r in rows)
     # on the CPU a second floor row with the library's GEMM choice, and the choices in the header
     assert any(r["op"] == "selector-projections floor" and r["provider"].startswith("cpu_gemm x2") for r in rows)
-    assert "cpu gemm" in p.stdout.splitlines()[0] and "hugepage outputs" in p.stdout.splitlines()[0]
+    assert "cpu gemm" in p.stdout.splitlines()[0] and "block cache" in p.stdout.splitlines()[0]
     assert all(r.get("timing") == "interleaved" for r in timed)
     # compile-reference is reported, not run, unless asked for
     assert any(r["provider"] == "compile-reference" and r["status"] == "skipped" for r in rows)

@@ -243,6 +243,56 @@ def test_fast_path_reuses_its_outputs(empty_output_cache):
     assert torch.equal(second.inputs_embeds, expected)
 
 
+needs_scope = pytest.mark.skipif(not torch._C._dispatch_has_kernel("omnisift::cpu_allocator_scope"),
+                                 reason="needs the extension")
+
+
+@needs_scope
+def test_allocator_scope_serves_torch_allocations(empty_output_cache):
+    """Inside the scope every CPU allocation goes through the cache's allocator (blocks of 1 MiB or more
+    come back to the cache when freed, smaller ones are freed); outside it torch's allocator is back."""
+    assert torch.ops.omnisift.cpu_allocator_scope(True)
+    try:
+        big = torch.ones(1 << 20)  # 4 MiB
+        small = torch.ones(1000)
+        empty = torch.empty(0)
+        grown = torch.ones(10)
+        grown.resize_(1 << 19)  # resized inside: a 2 MiB block
+        assert big.sum() == 1 << 20 and small.sum() == 1000 and empty.numel() == 0
+        assert torch.ops.omnisift.cpu_allocator_scope(True)  # nested
+        assert torch.ops.omnisift.cpu_allocator_scope(False)  # still open: the outer scope
+    finally:
+        assert not torch.ops.omnisift.cpu_allocator_scope(False)
+    del big, small, empty
+    assert _cache_bytes() == 4 * MIB
+    grown.resize_(1 << 20)  # outside: its storage's allocator (the cache's) serves the new 4 MiB block
+    assert _cache_bytes() == 2 * MIB  # the cached 4 MiB block taken, the old 2 MiB one cached
+    assert grown[:10].sum() == 10
+    del grown
+    held = _cache_bytes()
+    outside = torch.ones(1 << 20)
+    del outside
+    assert _cache_bytes() == held  # torch's allocator again
+    assert not torch.ops.omnisift.cpu_allocator_scope(False)  # closing with none open: no-op
+
+
+@needs_scope
+def test_fast_path_restores_the_allocator_on_errors(empty_output_cache):
+    torch.manual_seed(5)
+    sel = VisionGuidedAudioSelector(64).eval().requires_grad_(False)
+    batch = make_batch([clip_row(4, 8, 8)], 64, seed=3)
+    kw = dict(batch.compress_kwargs(), selector=sel, rho_video=0.5, rho_audio=0.5)
+    bad = batch.inputs_embeds.clone()
+    bad[0, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        compress(**dict(kw, inputs_embeds=bad), backend="cpu", validate=True)
+    held = _cache_bytes()
+    outside = torch.ones(1 << 20)
+    del outside
+    assert _cache_bytes() == held
+    assert not torch.ops.omnisift.cpu_allocator_scope(False)
+
+
 @needs_gather
 def test_gather_ste_forward_uses_the_extension_exactly(monkeypatch):
     from omnisift_kernels.ops import gather_ste
