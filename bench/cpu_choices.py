@@ -66,7 +66,8 @@ def gemm_libraries(rounds: int) -> None:
 
 
 def hugepage_outputs(rounds: int) -> None:
-    print("2. varlen_gather of a 34 MB output, OMNISIFT_CPU_HUGEPAGES=1 vs 0, alternating blocks of 4 calls")
+    print("2. varlen_gather of a 34 MB output into a new block (OMNISIFT_CPU_OUTPUT_CACHE_MB=0), "
+          "OMNISIFT_CPU_HUGEPAGES=1 vs 0, alternating blocks of 4 calls; then with the block cache")
     from omnisift_kernels._ext import ext_has_kernel
 
     if not ext_has_kernel("varlen_gather", "CPU"):
@@ -75,21 +76,24 @@ def hugepage_outputs(rounds: int) -> None:
     x = torch.randn(6680, 3584)
     idx = torch.randperm(6680, generator=torch.Generator().manual_seed(0))[:2400].sort().values
 
-    def gather(flag):
+    def gather(hugepages, cache_mb):
         def run():
-            os.environ["OMNISIFT_CPU_HUGEPAGES"] = flag
+            os.environ["OMNISIFT_CPU_HUGEPAGES"] = hugepages
+            os.environ["OMNISIFT_CPU_OUTPUT_CACHE_MB"] = cache_mb
             torch.ops.omnisift.varlen_gather(x, idx)
         return run
 
-    old = os.environ.get("OMNISIFT_CPU_HUGEPAGES")
+    old = {k: os.environ.get(k) for k in ("OMNISIFT_CPU_HUGEPAGES", "OMNISIFT_CPU_OUTPUT_CACHE_MB")}
     try:
-        res = _blocks({"on": gather("1"), "off": gather("0")}, rounds)
+        res = _blocks({"on": gather("1", "0"), "off": gather("0", "0"), "cached": gather("1", "256")}, rounds)
     finally:
-        if old is None:
-            os.environ.pop("OMNISIFT_CPU_HUGEPAGES", None)
-        else:
-            os.environ["OMNISIFT_CPU_HUGEPAGES"] = old
-    print(f"   huge pages on  {_summary(res['on'])}\n   huge pages off {_summary(res['off'])}")
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    print(f"   huge pages on  {_summary(res['on'])}\n   huge pages off {_summary(res['off'])}\n"
+          f"   block cache    {_summary(res['cached'])}")
 
 
 def end_to_end(rounds: int, dtype: str = "fp32") -> None:
