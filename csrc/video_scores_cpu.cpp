@@ -289,27 +289,31 @@ void copy_row(const In* src, int64_t sd, Out* dst, int64_t D) {
   for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<Out>(static_cast<float>(src[d * sd]));
 }
 
+// order[0:k) = the positions of the k first of sc[0:n) ranked by score descending, NaN first, ties by
+// position (0 < k <= n; nothing for k <= 0), in no particular order among themselves.
+void first_k_ranked(const float* sc, int64_t n, int64_t k, std::vector<int64_t>& order) {
+  if (k <= 0) return;
+  order.resize(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) order[i] = i;
+  auto higher = [sc](int64_t i, int64_t j) {  // ranks i before j
+    const float u = sc[i], v = sc[j];
+    const bool un = std::isnan(u), vn = std::isnan(v);
+    if (un != vn) return un;
+    if (!un && u != v) return u > v;
+    return i < j;
+  };
+  // nth_element puts the k-th ranked at k-1 and every better-ranked position before it.
+  if (k < n) std::nth_element(order.begin(), order.begin() + (k - 1), order.end(), higher);
+}
+
 void keep_gather_after_unit(void* ctx_ptr, int64_t first_segment, int64_t num_segments) {
   const auto& c = *static_cast<const KeepGatherCtx*>(ctx_ptr);
   std::vector<int64_t> order;
   for (int64_t s = first_segment; s < first_segment + num_segments; ++s) {
     const int64_t a = c.off[s], n = c.off[s + 1] - a, k = std::clamp<int64_t>(c.drop[s], 0, n);
     for (int64_t i = 0; i < n; ++i) c.keep[a + i] = true;
-    if (k > 0) {
-      order.resize(static_cast<size_t>(n));
-      for (int64_t i = 0; i < n; ++i) order[i] = i;
-      const float* sc = c.scores + a;
-      auto higher = [sc](int64_t i, int64_t j) {  // ranks i before j: descending, NaN first, ties by index
-        const float u = sc[i], v = sc[j];
-        const bool un = std::isnan(u), vn = std::isnan(v);
-        if (un != vn) return un;
-        if (!un && u != v) return u > v;
-        return i < j;
-      };
-      if (k < n) std::nth_element(order.begin(), order.begin() + (k - 1), order.end(), higher);
-      // nth_element puts the k-th ranked at k-1 and every better-ranked token before it.
-      for (int64_t r = 0; r < k; ++r) c.keep[a + order[r]] = false;
-    }
+    first_k_ranked(c.scores + a, n, k, order);
+    for (int64_t r = 0; r < k; ++r) c.keep[a + order[r]] = false;
     int64_t out_row = c.kept_offset[s];
     for (int64_t i = 0; i < n; ++i) {
       if (!c.keep[a + i]) continue;
@@ -450,6 +454,37 @@ int64_t cpu_parallel_threads(int64_t n) {
   return ranges.load();
 }
 
+// segmented_topk_mask_cpu(scores fp32 [N], seg_offsets int64 [S+1], k int64 [S]) -> bool [N]: per
+// segment, True for the k[s] first positions ranked by score descending (NaN first), ties by position
+// (k <= 0: none, k >= size: all); the CPU kernel of omnisift_kernels.ops.segmented_topk_mask.
+at::Tensor segmented_topk_mask_cpu(const at::Tensor& scores, const at::Tensor& seg_offsets, const at::Tensor& k) {
+  TORCH_CHECK_TYPE(scores.scalar_type() == at::kFloat && seg_offsets.scalar_type() == at::kLong &&
+                       k.scalar_type() == at::kLong,
+                   "segmented_topk_mask_cpu: expected float32 scores and int64 offsets and k");
+  const int64_t N = scores.numel(), S = seg_offsets.numel() - 1;
+  TORCH_CHECK_VALUE(scores.dim() == 1 && seg_offsets.dim() == 1 && S >= 0 && k.dim() == 1 && k.numel() == S,
+                    "segmented_topk_mask_cpu: scores must be [N], seg_offsets [S+1] and k [S]");
+  const at::Tensor sc = scores.contiguous(), off = seg_offsets.contiguous(), kk = k.contiguous();
+  const float* sp = sc.const_data_ptr<float>();
+  const int64_t* op = off.const_data_ptr<int64_t>();
+  const int64_t* kp = kk.const_data_ptr<int64_t>();
+  TORCH_CHECK_VALUE(S == 0 ? true : (op[0] == 0 && op[S] == N), "segmented_topk_mask_cpu: seg_offsets must run from 0 to N=", N);
+  for (int64_t s = 0; s < S; ++s) {
+    TORCH_CHECK_VALUE(op[s + 1] >= op[s], "segmented_topk_mask_cpu: seg_offsets must be non-decreasing");
+  }
+  at::Tensor out = at::zeros({N}, scores.options().dtype(at::kBool));
+  bool* mp = out.data_ptr<bool>();
+  at::parallel_for(0, S, 16, [&](int64_t s0, int64_t s1) {
+    std::vector<int64_t> order;
+    for (int64_t s = s0; s < s1; ++s) {
+      const int64_t a = op[s], n = op[s + 1] - a, take = std::clamp<int64_t>(kp[s], 0, n);
+      first_k_ranked(sp + a, n, take, order);
+      for (int64_t r = 0; r < take; ++r) mp[a + order[r]] = true;
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(omnisift, m) {
@@ -458,6 +493,7 @@ TORCH_LIBRARY_FRAGMENT(omnisift, m) {
   m.def("all_finite_cpu(Tensor x, Tensor? skip_rows=None) -> Tensor");
   m.def("video_keep_gather_cpu(Tensor x, Tensor token_index, Tensor seg_offsets, Tensor pair_index, Tensor drop, "
         "bool rows_fp32=False, bool check_finite=False) -> (Tensor, Tensor)");
+  m.def("segmented_topk_mask_cpu(Tensor scores, Tensor seg_offsets, Tensor k) -> Tensor");
   m.def("cpu_kernels_isa() -> str", &cpu_kernels_isa);
   m.def("cpu_parallel_threads(int n) -> int", &cpu_parallel_threads);
 }
@@ -466,6 +502,7 @@ TORCH_LIBRARY_IMPL(omnisift, CPU, m) {
   m.impl("video_scores_cpu", &video_scores_cpu);
   m.impl("all_finite_cpu", &all_finite_cpu);
   m.impl("video_keep_gather_cpu", &video_keep_gather_cpu);
+  m.impl("segmented_topk_mask_cpu", &segmented_topk_mask_cpu);
 }
 
 }  // namespace omnisift

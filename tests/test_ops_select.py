@@ -201,3 +201,29 @@ def test_gpu_default_config_under_interpreter(monkeypatch):
     off, k = _layout(sizes, [30, 1, 20, 0, 4])
     scores = torch.randint(0, 6, (sum(sizes),)).float()
     assert torch.equal(segmented_topk_mask_triton(scores, off, k), reference_topk_mask(scores, off, k))
+
+
+@pytest.mark.skipif(not torch._C._dispatch_has_kernel("omnisift::segmented_topk_mask_cpu"),
+                    reason="needs the extension")
+@settings(max_examples=60, deadline=None)
+@given(sizes=st.lists(st.integers(0, 70), min_size=0, max_size=10), levels=st.sampled_from([0, 2, 5]),
+       seed=st.integers(0, 1000), data=st.data())
+def test_cpu_kernel_equals_torch_path_and_reference(sizes, levels, seed, data):
+    """The C++ CPU kernel (what the op runs on CPU tensors): equal to the reference and to the torch
+    path, with ties (few score levels), -0.0/+0.0, infinities and k outside [0, size]; with NaN, equal to
+    the torch path (NaN ranks first in both)."""
+    ks = [data.draw(st.integers(-2, s + 2)) for s in sizes]
+    g = torch.Generator().manual_seed(seed)
+    n = sum(sizes)
+    scores = (torch.randint(0, levels, (n,), generator=g).float() / levels) if levels else torch.randn(n, generator=g)
+    if n:
+        scores[torch.randint(0, n, (max(n // 10, 1),), generator=g)] = -0.0
+        scores[torch.randint(0, n, (1,), generator=g)] = float("inf")
+    off, k = _layout(sizes, ks)
+    got = torch.ops.omnisift.segmented_topk_mask_cpu(scores, off, k)
+    assert torch.equal(got, reference_topk_mask(scores, off, k))
+    assert torch.equal(got, segmented_topk_mask_torch(scores, off, k))
+    if n:
+        scores[torch.randint(0, n, (max(n // 8, 1),), generator=g)] = float("nan")
+        assert torch.equal(torch.ops.omnisift.segmented_topk_mask_cpu(scores, off, k),
+                           segmented_topk_mask_torch(scores, off, k))
