@@ -127,7 +127,7 @@ inline void* acquire_block(size_t nbytes, bool use_cache) {
       const Block b = c.blocks[best];
       c.bytes -= b.capacity;
       c.blocks.erase(c.blocks.begin() + static_cast<std::ptrdiff_t>(best));
-      c.live.emplace(b.ptr, b.capacity);
+      c.live.insert_or_assign(b.ptr, b.capacity);
       return b.ptr;
     }
   }
@@ -138,7 +138,7 @@ inline void* acquire_block(size_t nbytes, bool use_cache) {
   if (huge) (void)madvise(block, capacity, MADV_HUGEPAGE);  // advice: a no-op where THP is off
 #endif
   std::lock_guard<std::mutex> lock(c.mutex);
-  c.live.emplace(block, use_cache ? capacity : 0);  // capacity 0: freed, never cached
+  c.live.insert_or_assign(block, use_cache ? capacity : 0);  // capacity 0: freed, never cached
   return block;
 }
 
@@ -168,6 +168,7 @@ struct CachedCPUAllocator final : public c10::Allocator {
 struct AllocatorScopeState {
   std::mutex mutex;
   int depth = 0;
+  int suspended = 0;
   CachedCPUAllocator allocator;
 };
 
@@ -188,10 +189,27 @@ inline bool cpu_allocator_scope(bool enter) {
   if (enter) {
     if (st.depth++ == 0) {
       st.allocator.previous = c10::GetCPUAllocator();
-      c10::SetCPUAllocator(&st.allocator, /*priority=*/0);
+      if (st.suspended == 0) c10::SetCPUAllocator(&st.allocator, /*priority=*/0);
     }
   } else if (st.depth > 0 && --st.depth == 0) {
     if (c10::GetCPUAllocator() == &st.allocator) c10::SetCPUAllocator(st.allocator.previous, /*priority=*/0);
+  }
+  return c10::GetCPUAllocator() == &st.allocator;
+}
+
+// Suspends (suspend) or resumes an open scope: while suspended, torch's own allocator is back. For
+// memory that outlives the scope and is freed through whatever allocator is current at that time
+// (oneDNN's reordered weights: ideep frees with GetCPUAllocator()->raw_deallocate): a block of the
+// cache freed outside the cache would leave it a stale entry. Returns whether the cache is in place.
+inline bool cpu_allocator_suspend(bool suspend) {
+  auto& st = detail::allocator_scope_state();
+  std::lock_guard<std::mutex> lock(st.mutex);
+  if (suspend) {
+    if (st.suspended++ == 0 && c10::GetCPUAllocator() == &st.allocator) {
+      c10::SetCPUAllocator(st.allocator.previous, /*priority=*/0);
+    }
+  } else if (st.suspended > 0 && --st.suspended == 0 && st.depth > 0) {
+    c10::SetCPUAllocator(&st.allocator, /*priority=*/0);
   }
   return c10::GetCPUAllocator() == &st.allocator;
 }

@@ -252,6 +252,7 @@ TORCH_LIBRARY(omnisift, m) {
   m.def("release_cpu_output_cache() -> int", &omnisift::release_cpu_output_cache);
   // Opens/closes a scope in which torch's CPU allocator takes blocks of 1 MiB or more from that cache.
   m.def("cpu_allocator_scope(bool enter) -> bool", &omnisift::cpu_allocator_scope);
+  m.def("cpu_allocator_suspend(bool suspend) -> bool", &omnisift::cpu_allocator_suspend);
 }
 
 TORCH_LIBRARY_IMPL(omnisift, CPU, m) {

@@ -95,6 +95,32 @@ def test_linear_keeps_autograd_and_compile_paths(policy):
     torch.testing.assert_close(fast, out.detach(), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.skipif(not ONEDNN, reason="needs oneDNN")
+def test_packed_weights_follow_updates_and_owners(policy):
+    """oneDNN GEMMs reuse a weight reordered once; an in-place update (an optimizer step) or new data
+    repacks it, and the packed copy goes with the weight."""
+    import gc
+
+    policy("onednn", "native")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1100, 512, generator=gen)
+    w = torch.randn(256, 512, generator=gen) / 512 ** 0.5
+    b = torch.randn(256, generator=gen)
+    with torch.no_grad():
+        first = cpu_gemm.linear(x, w, b)
+        assert torch.equal(first, cpu_gemm.linear(x, w, b))  # packed once, same bits again
+        torch.testing.assert_close(first, F.linear(x, w, b), atol=1e-4, rtol=1e-4)
+        n_packed = len(cpu_gemm._PACKED)
+        w.mul_(2.0)  # in place: the version counter moves
+        torch.testing.assert_close(cpu_gemm.linear(x, w, b), F.linear(x, w, b), atol=1e-4, rtol=1e-4)
+        q = w[:128]  # a view: packed per (owner, offset, shape)
+        torch.testing.assert_close(cpu_gemm.linear(x, q, b[:128]), F.linear(x, q, b[:128]), atol=1e-4, rtol=1e-4)
+        assert len(cpu_gemm._PACKED) >= n_packed + 1
+        del q, w
+        gc.collect()
+        assert not any(k[4] == torch.float32 and k[2] == (256, 512) for k in cpu_gemm._PACKED)
+
+
 def test_compute_dtype(policy):
     policy("auto", "fp32")
     assert cpu_gemm.compute_dtype(torch.bfloat16, torch.device("cpu")) == torch.float32
