@@ -37,6 +37,9 @@
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
+#if defined(__x86_64__) || defined(_M_X64)
+#include <emmintrin.h>
+#endif
 
 namespace omnisift {
 
@@ -236,6 +239,39 @@ inline int64_t cpu_output_cache_bytes() {
   detail::BlockCache& c = detail::block_cache();
   std::lock_guard<std::mutex> lock(c.mutex);
   return static_cast<int64_t>(c.bytes);
+}
+
+// Copies one output row with non-temporal stores (SSE2, every x86-64 CPU has them) when the
+// destination is 16-byte aligned and the row is long: a large output is written once and not read
+// back soon, and streaming stores skip reading each destination line first (a third of the traffic of
+// a cached copy). Elsewhere memcpy. Call stream_fence() before the output is handed over. On the Zen 4
+// VM: the 33 MB gather of omni7b-20s 1.9-2.4 vs 2.6-3.1 ms; the fast path end to end (fp32, a
+// release-loop call before each) 77.8-81.5 vs 79.6-85.1 ms (alternating, 16 rounds each); bf16 equal.
+inline void copy_row_streaming(char* dst, const char* src, size_t bytes) {
+#if defined(__x86_64__) || defined(_M_X64)
+  if (bytes >= 4096 && (reinterpret_cast<uintptr_t>(dst) & 15) == 0) {
+    size_t i = 0;
+    for (; i + 64 <= bytes; i += 64) {
+      const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i + 16));
+      const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i + 32));
+      const __m128i d = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i + 48));
+      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i), a);
+      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i + 16), b);
+      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i + 32), c);
+      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i + 48), d);
+    }
+    if (i < bytes) std::memcpy(dst + i, src + i, bytes - i);
+    return;
+  }
+#endif
+  std::memcpy(dst, src, bytes);
+}
+
+inline void stream_fence() {
+#if defined(__x86_64__) || defined(_M_X64)
+  _mm_sfence();
+#endif
 }
 
 // at::empty(sizes, options) for a kernel's CPU output; outputs of 1 MiB or more come from the cache of

@@ -177,11 +177,12 @@ CompactResult varlen_compact_cpu(const at::Tensor& x_in, const at::Tensor& keep_
   at::parallel_for(0, T, grain_for(row_bytes + 64), [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t i = ip[t], b = i / L, l = i % L;
-      if (row_bytes > 0) std::memcpy(pp + t * row_bytes, xp + b * sb + l * sl, static_cast<size_t>(row_bytes));
+      if (row_bytes > 0) copy_row_streaming(pp + t * row_bytes, xp + b * sb + l * sl, static_cast<size_t>(row_bytes));
       for (int64_t k = 0; k < K; ++k)
         copy_elem(pos_outp + (k * T + t) * pisz, posp + k * psk + b * psb + l * psl, pisz);
       if (labp != nullptr) copy_elem(lab_outp + t * lisz, labp + b * lsb + l * lsl, lisz);
     }
+    stream_fence();
   });
   (void)N;
   return {packed, indices, cu_t, c10::SymInt(total.has_value() ? int64_t{-1} : max_len), pos_out, lab_out};
@@ -229,10 +230,11 @@ at::Tensor varlen_gather_cpu(const at::Tensor& src_in, const at::Tensor& indices
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t i = ip[t];
       if (i >= 0 && i < N)
-        std::memcpy(op + t * row_bytes, sp + i * ss, static_cast<size_t>(row_bytes));
+        copy_row_streaming(op + t * row_bytes, sp + i * ss, static_cast<size_t>(row_bytes));
       else
         std::memset(op + t * row_bytes, 0, static_cast<size_t>(row_bytes));
     }
+    stream_fence();
   });
   return out;
 }

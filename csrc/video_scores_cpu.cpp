@@ -282,7 +282,8 @@ template <typename In, typename Out>
 void copy_row(const In* src, int64_t sd, Out* dst, int64_t D) {
   if constexpr (std::is_same_v<In, Out>) {
     if (sd == 1) {
-      std::memcpy(dst, src, static_cast<size_t>(D) * sizeof(In));
+      copy_row_streaming(reinterpret_cast<char*>(dst), reinterpret_cast<const char*>(src),
+                         static_cast<size_t>(D) * sizeof(In));
       return;
     }
   }
@@ -331,6 +332,7 @@ void keep_gather_after_unit(void* ctx_ptr, int64_t first_segment, int64_t num_se
       ++out_row;
     }
   }
+  stream_fence();
 }
 
 std::tuple<at::Tensor, at::Tensor> video_keep_gather_cpu(const at::Tensor& x, const at::Tensor& token_index,

@@ -220,9 +220,10 @@ def _keep_gather_expected(x, tok, off, pair, drop, rows_fp32):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("layout", ["contiguous", "sliced"])
 @pytest.mark.parametrize("rows_fp32", [False, True])
-def test_keep_gather_equals_scores_topk_and_gather(dtype, layout, rows_fp32, cpu_isa):
+@pytest.mark.parametrize("D", [37, 2051])  # 2051: rows of 4 KiB+ (streaming stores, with a tail)
+def test_keep_gather_equals_scores_topk_and_gather(dtype, layout, rows_fp32, D, cpu_isa):
     g = torch.Generator().manual_seed(2)
-    B, L, D = 3, 40, 37
+    B, L = 3, 40
     base = torch.randn(B, L, 2 * D, generator=g).to(dtype)
     x = base[:, :, :D].contiguous() if layout == "contiguous" else base[:, :, ::2]
     tok, off, pair = _layout_with_pairs(B, L, [7, 7, 0, 1, 12, 12, 5, 3], seed=1)
