@@ -37,6 +37,9 @@
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
 #if defined(__x86_64__) || defined(_M_X64)
 #include <emmintrin.h>
 #endif
@@ -93,8 +96,14 @@ inline void release_block(void* ptr) {
     BlockCache& c = block_cache();
     std::lock_guard<std::mutex> lock(c.mutex);
     const auto it = c.live.find(ptr);  // absent: a small block of CachedCPUAllocator (or nullptr)
-    const size_t capacity = it == c.live.end() ? 0 : it->second;
+    size_t capacity = it == c.live.end() ? 0 : it->second;
     if (it != c.live.end()) c.live.erase(it);
+#if defined(__GLIBC__)
+    // A block handed out inside a scope but freed outside it with plain free() (oneDNN frees its raw
+    // buffers with whatever allocator is current then) leaves a stale entry; should glibc give that
+    // address to a smaller block that comes back here, do not keep it as a block of the old capacity.
+    if (capacity > 0 && malloc_usable_size(ptr) < capacity) capacity = 0;
+#endif
     if (capacity == 0 || capacity > limit) {
       to_free.push_back(ptr);
     } else {
