@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import time
@@ -39,6 +40,21 @@ def _blocks(fns: dict, rounds: int, per_block: int = 4) -> dict[str, list[float]
                 if i:
                     out[n].append((time.perf_counter() - t) * 1e3)
     return out
+
+
+@contextlib.contextmanager
+def _environ(**values: str):
+    """Sets environment variables for the block, then restores what was there."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _summary(samples: list[float]) -> str:
@@ -78,20 +94,11 @@ def hugepage_outputs(rounds: int) -> None:
 
     def gather(hugepages, cache_mb):
         def run():
-            os.environ["OMNISIFT_CPU_HUGEPAGES"] = hugepages
-            os.environ["OMNISIFT_CPU_OUTPUT_CACHE_MB"] = cache_mb
-            torch.ops.omnisift.varlen_gather(x, idx)
+            with _environ(OMNISIFT_CPU_HUGEPAGES=hugepages, OMNISIFT_CPU_OUTPUT_CACHE_MB=cache_mb):
+                torch.ops.omnisift.varlen_gather(x, idx)
         return run
 
-    old = {k: os.environ.get(k) for k in ("OMNISIFT_CPU_HUGEPAGES", "OMNISIFT_CPU_OUTPUT_CACHE_MB")}
-    try:
-        res = _blocks({"on": gather("1", "0"), "off": gather("0", "0"), "cached": gather("1", "256")}, rounds)
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    res = _blocks({"on": gather("1", "0"), "off": gather("0", "0"), "cached": gather("1", "256")}, rounds)
     print(f"   huge pages on  {_summary(res['on'])}\n   huge pages off {_summary(res['off'])}\n"
           f"   block cache    {_summary(res['cached'])}")
 
@@ -103,40 +110,25 @@ def end_to_end(rounds: int, dtype: str = "fp32") -> None:
 
     from .cases import CaseFactory
     from .release_loop import release_loop_compress
+    from .timing import time_interleaved
 
     case = CaseFactory().cases("omni7b-20s", dtype, "paper-35", torch.device("cpu"), [0], "same")[0]
     kw = case.kwargs()
     names_env = {"auto": {}, "aten": {"OMNISIFT_CPU_GEMM": "aten"}, "no-cache": {"OMNISIFT_CPU_OUTPUT_CACHE_MB": "0"}}
 
     def fast(env):
-        def run():
-            old = {k: os.environ.get(k) for k in env}
-            os.environ.update(env)
-            try:
+        def run(_i):
+            with _environ(**env):
                 compress(**kw, backend="cpu")
-            finally:
-                for k, v in old.items():
-                    if v is None:
-                        os.environ.pop(k, None)
-                    else:
-                        os.environ[k] = v
         return run
 
     fns = {n: fast(env) for n, env in names_env.items()}
-    fns["release-loop"] = lambda: release_loop_compress(**kw)
-    for f in fns.values():
-        f()
-    samples = {n: [] for n in fns}
-    names = list(fns)
-    for r in range(rounds):
-        k = r % len(names)
-        for n in names[k:] + names[:k]:
-            t = time.perf_counter()
-            fns[n]()
-            samples[n].append((time.perf_counter() - t) * 1e3)
-    loop = statistics.median(samples["release-loop"])
-    for n, s in samples.items():
-        print(f"   {n:12s} {_summary(s)} | x release {loop / statistics.median(s):.2f}")
+    fns["release-loop"] = lambda _i: release_loop_compress(**kw)
+    # Round-robin with a rotating first provider, as the end-to-end rows of python -m bench.
+    timings = time_interleaved(fns, 1, torch.device("cpu"), repeat=rounds)
+    loop = timings["release-loop"].median_ms
+    for n, t in timings.items():
+        print(f"   {n:12s} {_summary(t.samples_ms)} | x release {loop / t.median_ms:.2f}")
 
 
 def main(argv=None) -> int:

@@ -90,7 +90,6 @@ inline BlockCache& block_cache() {
 // The DataPtr deleter (context == data, so torch sees a plain data pointer): keeps the block for
 // reuse within the cache's limit (dropping the oldest blocks to make room), else frees it.
 inline void release_block(void* ptr) {
-  const size_t limit = cpu_output_cache_limit();
   std::vector<void*> to_free;
   {
     BlockCache& c = block_cache();
@@ -104,6 +103,7 @@ inline void release_block(void* ptr) {
     // address to a smaller block that comes back here, do not keep it as a block of the old capacity.
     if (capacity > 0 && malloc_usable_size(ptr) < capacity) capacity = 0;
 #endif
+    const size_t limit = capacity == 0 ? 0 : cpu_output_cache_limit();  // (small blocks: no getenv)
     if (capacity == 0 || capacity > limit) {
       to_free.push_back(ptr);
     } else {

@@ -84,10 +84,7 @@ inline float to_f32(const typename ElemType<E>::type v) {
 // fp32) do not fit beside the current two in a 32-48 KB L1; L2 holds them. On the Zen 4 VM the fused
 // video kernel of omni7b-20s took 5.9-6.3 ms with this hint against 6.9-7.6 ms with prefetcht0
 // (fp32, alternating builds); bf16 2.9-3.3 ms either way.
-#ifndef OMNISIFT_PREFETCH_LOCALITY
-#define OMNISIFT_PREFETCH_LOCALITY 2
-#endif
-constexpr int PrefetchLocality = OMNISIFT_PREFETCH_LOCALITY;
+constexpr int PrefetchLocality = 2;
 
 // S += a (AddS), and the sums <a, b>, |a|^2, |b|^2 (HasB) or |a|^2 (no b) into r[0..2].
 template <class V, Elem E, bool HasB, bool AddS = true>

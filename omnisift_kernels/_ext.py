@@ -6,6 +6,8 @@ failed load) it warns once and every public op falls back to pure PyTorch.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import warnings
 
 import torch
@@ -39,3 +41,40 @@ def ext_has_kernel(op_name: str, dispatch_key: str) -> bool:
         return torch._C._dispatch_has_kernel_for_dispatch_key(f"omnisift::{op_name}", dispatch_key)
     except RuntimeError:
         return False
+
+
+@functools.lru_cache(maxsize=None)
+def _has_block_cache() -> bool:
+    """The extension's cache of freed CPU blocks and its allocator scope (``csrc/cpu_alloc.h``)."""
+    return EXT_AVAILABLE and torch._C._dispatch_has_kernel("omnisift::cpu_allocator_scope")
+
+
+@contextlib.contextmanager
+def cpu_block_cache(enabled: bool = True):
+    """While active, torch's CPU allocator takes blocks of 1 MiB or more from the extension's cache of
+    freed blocks (``csrc/cpu_alloc.h``; ``OMNISIFT_CPU_OUTPUT_CACHE_MB=0`` turns it off): the fast
+    path's intermediates (GEMM outputs, normalised rows) and outputs then reuse memory that is
+    already mapped instead of faulting fresh pages, whatever ran in between. A no-op without the
+    extension and under ``torch.compile`` tracing."""
+    if not enabled or torch.compiler.is_compiling() or not _has_block_cache():
+        yield
+        return
+    torch.ops.omnisift.cpu_allocator_scope(True)
+    try:
+        yield
+    finally:
+        torch.ops.omnisift.cpu_allocator_scope(False)
+
+
+@contextlib.contextmanager
+def outside_cpu_block_cache():
+    """Suspends an open :func:`cpu_block_cache` (torch's own allocator is back meanwhile): for memory
+    that outlives the call and is freed with whatever allocator is current then (oneDNN's buffers)."""
+    if torch.compiler.is_compiling() or not _has_block_cache():
+        yield
+        return
+    torch.ops.omnisift.cpu_allocator_suspend(True)
+    try:
+        yield
+    finally:
+        torch.ops.omnisift.cpu_allocator_suspend(False)

@@ -44,13 +44,14 @@ Environment (read at each call):
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import weakref
 
 import torch
 import torch.nn.functional as F
+
+from ._ext import outside_cpu_block_cache
 
 __all__ = ["linear", "compute_dtype", "gemm_policy"]
 
@@ -163,31 +164,10 @@ def _packed_weight(weight: torch.Tensor, dtype: torch.dtype, rows: int) -> torch
     hit = _PACKED.get(key)
     if hit is not None and hit[0]() is owner and hit[1] == weight._version:
         return hit[2]
-    with _outside_block_cache():  # it outlives the call; ideep frees it with the allocator current then
+    with outside_cpu_block_cache():  # it outlives the call; ideep frees it with the allocator current then
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.to(dtype).contiguous(), rows)
     _PACKED[key] = (weakref.ref(owner, lambda _ref, key=key: _PACKED.pop(key, None)), weight._version, packed)
     return packed
-
-
-@contextlib.contextmanager
-def _outside_block_cache():
-    """Suspends the fast path's CPU block cache (``csrc/cpu_alloc.h``) if one is open."""
-    suspend = getattr(torch.ops.omnisift, "cpu_allocator_suspend", None) if _has_block_cache() else None
-    if suspend is None:
-        yield
-        return
-    suspend(True)
-    try:
-        yield
-    finally:
-        suspend(False)
-
-
-@functools.lru_cache(maxsize=None)
-def _has_block_cache() -> bool:
-    from ._ext import EXT_AVAILABLE
-
-    return EXT_AVAILABLE and torch._C._dispatch_has_kernel("omnisift::cpu_allocator_suspend")
 
 
 def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import os
 
 import torch
 import torch.nn.functional as F
 
 from . import cpu_gemm, ops
-from ._ext import EXT_AVAILABLE, ext_has_kernel
+from ._ext import cpu_block_cache, ext_has_kernel
 from ._validation import all_finite, check_finite, non_finite_error
 from .plan import DevicePlan, PlanSizes, build_plan, read_sizes, sizes_from_grid
 from .result import CompressionResult
@@ -313,27 +312,6 @@ def _triton_on_cpu(enabled: bool):
             os.environ["OMNISIFT_TRITON_ON_CPU"] = old
 
 
-@functools.lru_cache(maxsize=None)
-def _has_allocator_scope() -> bool:
-    return EXT_AVAILABLE and torch._C._dispatch_has_kernel("omnisift::cpu_allocator_scope")
-
-
-@contextlib.contextmanager
-def _cpu_block_cache(enabled: bool):
-    """While active, torch's CPU allocator takes blocks of 1 MiB or more from the extension's cache of
-    freed blocks (``csrc/cpu_alloc.h``; ``OMNISIFT_CPU_OUTPUT_CACHE_MB=0`` turns it off): the fast
-    path's intermediates (GEMM outputs, normalised rows) and outputs then reuse memory that is
-    already mapped instead of faulting fresh pages, whatever ran in between."""
-    if not enabled or torch.compiler.is_compiling() or not _has_allocator_scope():
-        yield
-        return
-    torch.ops.omnisift.cpu_allocator_scope(True)
-    try:
-        yield
-    finally:
-        torch.ops.omnisift.cpu_allocator_scope(False)
-
-
 def fast_compress(
     inputs_embeds: torch.Tensor,
     input_ids: torch.Tensor,
@@ -369,7 +347,7 @@ def fast_compress(
         if attention_mask is None else attention_mask.bool()
     )
     with _triton_on_cpu(backend == "triton" and inputs_embeds.device.type == "cpu"), \
-            _cpu_block_cache(backend == "cpu"):
+            cpu_block_cache(backend == "cpu"):
         plan = build_plan(
             input_ids, position_ids[0], valid, video_token_id=video_token_id, audio_token_id=audio_token_id,
             rho_video=rho_video, rho_audio=rho_audio, score_audio=selector is not None,
