@@ -9,10 +9,13 @@
    first call of each block not counted), so that both see the same spells of a shared VM.
 2. Huge-page outputs: ``omnisift::varlen_gather`` of the omni7b-20s packed output (2,400 of 6,680
    rows of 3,584 fp32: 34 MB) with ``OMNISIFT_CPU_HUGEPAGES`` on and off, alternating blocks.
-3. End to end: ``compress(backend="cpu")`` on omni7b-20s paper-35, fp32 and bf16, as configured,
-   with ``OMNISIFT_CPU_GEMM=aten`` and with ``OMNISIFT_CPU_OUTPUT_CACHE_MB=0`` (no cache of freed
-   blocks), and the release-style loop, round-robin (so each call follows another provider's, as in
-   ``python -m bench``).
+3. Selector attention: the extension's AVX-512 kernel (``omnisift::chunk_attention_cpu``) against
+   ``scaled_dot_product_attention`` at omni7b-20s paper-35 (10 chunks, 50 queries, 198 keys, 8 heads
+   of 64), alternating blocks.
+4. End to end: ``compress(backend="cpu")`` on omni7b-20s paper-35, fp32 and bf16, as configured,
+   with ``OMNISIFT_CPU_GEMM=aten``, with ``OMNISIFT_CPU_OUTPUT_CACHE_MB=0`` (no cache of freed
+   blocks), with ``OMNISIFT_CPU_ATTENTION=sdpa``, and the release-style loop, round-robin (so each
+   call follows another provider's, as in ``python -m bench``).
 """
 
 from __future__ import annotations
@@ -103,9 +106,29 @@ def hugepage_outputs(rounds: int) -> None:
           f"   block cache    {_summary(res['cached'])}")
 
 
+def selector_attention(rounds: int) -> None:
+    print("3. selector attention [10, 50 | 198, 512], 8 heads: chunk_attention_cpu vs "
+          "scaled_dot_product_attention, alternating blocks of 4 calls")
+    from omnisift_kernels import cpu_attention
+    from omnisift_kernels.selector import heads_attention
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(10, 50, 512, generator=g)
+    kv = torch.randn(10, 198, 1024, generator=g)
+    k, v = kv[..., :512], kv[..., 512:]
+    if not cpu_attention.kernel_serves(q, k, v, 8):
+        print("   the kernel does not serve here (no extension, or no AVX-512 CPU loops)")
+        return
+    res = _blocks({"kernel": lambda: torch.ops.omnisift.chunk_attention_cpu(q, k, v, None, 8),
+                   "sdpa": lambda: heads_attention(q, k, v, None, 8)}, rounds)
+    ratio = statistics.median(res["sdpa"]) / statistics.median(res["kernel"])
+    print(f"   kernel {_summary(res['kernel'])} | sdpa {_summary(res['sdpa'])} | sdpa/kernel {ratio:.2f}")
+
+
 def end_to_end(rounds: int, dtype: str = "fp32") -> None:
-    print(f"3. end to end, omni7b-20s {dtype} paper-35, round-robin: the fast path as configured (auto), with "
-          "OMNISIFT_CPU_GEMM=aten, with OMNISIFT_CPU_OUTPUT_CACHE_MB=0 (no block cache), and the release-style loop")
+    print(f"4. end to end, omni7b-20s {dtype} paper-35, round-robin: the fast path as configured (auto), with "
+          "OMNISIFT_CPU_GEMM=aten, with OMNISIFT_CPU_OUTPUT_CACHE_MB=0 (no block cache), with "
+          "OMNISIFT_CPU_ATTENTION=sdpa, and the release-style loop")
     from omnisift_kernels import compress
 
     from .cases import CaseFactory
@@ -114,7 +137,8 @@ def end_to_end(rounds: int, dtype: str = "fp32") -> None:
 
     case = CaseFactory().cases("omni7b-20s", dtype, "paper-35", torch.device("cpu"), [0], "same")[0]
     kw = case.kwargs()
-    names_env = {"auto": {}, "aten": {"OMNISIFT_CPU_GEMM": "aten"}, "no-cache": {"OMNISIFT_CPU_OUTPUT_CACHE_MB": "0"}}
+    names_env = {"auto": {}, "aten": {"OMNISIFT_CPU_GEMM": "aten"}, "no-cache": {"OMNISIFT_CPU_OUTPUT_CACHE_MB": "0"},
+                 "sdpa": {"OMNISIFT_CPU_ATTENTION": "sdpa"}}
 
     def fast(env):
         def run(_i):
@@ -134,13 +158,14 @@ def end_to_end(rounds: int, dtype: str = "fp32") -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=12, help="rounds of each comparison (default 12)")
-    ap.add_argument("--skip-e2e", action="store_true", help="only the GEMM and gather comparisons")
+    ap.add_argument("--skip-e2e", action="store_true", help="only the GEMM, gather and attention comparisons")
     args = ap.parse_args(argv)
     from .env import environment, header_line
 
     print(header_line(environment(torch.device("cpu"))))
     gemm_libraries(args.rounds)
     hugepage_outputs(args.rounds)
+    selector_attention(args.rounds)
     if not args.skip_e2e:
         for dtype in ("fp32", "bf16"):
             end_to_end(args.rounds, dtype)

@@ -47,6 +47,22 @@ struct VideoScoresScratch {
   double* acc;
 };
 
+// One call of the selector's chunk attention (see csrc/selector_cpu.cpp for the op's contract): for
+// chunk c and head h, query i attends to every key j of the same chunk that is not padding:
+//   out[c, i, h] = sum_j softmax_j(scale * <q[c, i, h], k[c, j, h]>) v[c, j, h]
+// where x[c, i, h] is the head_dim-wide slice starting at element h * head_dim of row i of chunk c.
+// fp32 throughout; strides in elements. Work items are (chunk, head) pairs, item = c * num_heads + h.
+struct ChunkAttentionProblem {
+  const float* q;  // [C, La, num_heads * head_dim] through q_chunk / q_row
+  const float* k;  // [C, Lv, ...] through kv_chunk / kv_row (keys and values may share rows)
+  const float* v;
+  float* out;      // [C, La, num_heads * head_dim] through out_chunk / out_row
+  int64_t q_chunk, q_row, kv_chunk, kv_row, out_chunk, out_row;
+  const uint8_t* key_padding;  // [C, Lv] contiguous, nonzero = padding (ignored), or nullptr
+  int64_t num_chunks, num_queries, num_keys, num_heads, head_dim;
+  float scale;
+};
+
 struct Loops {
   const char* isa;
   // Scores of units [u0, u1), each unit on the calling thread.
@@ -62,7 +78,15 @@ struct Loops {
   bool (*all_finite)(const void* x, Elem elem, int64_t n);
   // The same for n elements spaced by `stride` elements.
   bool (*all_finite_strided)(const void* x, Elem elem, int64_t n, int64_t stride);
+  // Chunk attention of items [item0, item1) on the calling thread, with chunk_attention_scratch(p)
+  // floats of scratch; nullptr where this instruction set has no kernel for it (AVX-512 only).
+  void (*chunk_attention)(const ChunkAttentionProblem& p, int64_t item0, int64_t item1, float* scratch);
 };
+
+// Scratch floats one thread needs for chunk_attention: the packed query tile and the score tile.
+inline int64_t chunk_attention_scratch(const ChunkAttentionProblem& p) {
+  return p.head_dim * 64 + p.num_keys * 64 + 64;
+}
 
 // nullptr when the compiler could not build that instruction set.
 const Loops* loops_base();
@@ -70,4 +94,9 @@ const Loops* loops_avx2();
 const Loops* loops_avx512();
 
 }  // namespace simd
+
+// The loops this process uses: the best instruction set the CPU has, capped by OMNISIFT_CPU_ISA /
+// OMNISIFT_CPU_BASELINE (defined in video_scores_cpu.cpp; raises on a bad value there).
+const simd::Loops& cpu_loops();
+
 }  // namespace omnisift

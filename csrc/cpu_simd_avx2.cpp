@@ -41,7 +41,7 @@ struct VecAvx2 {
 };
 
 const Loops kLoops = {"avx2", &video_units<VecAvx2>, &unit_pass1<VecAvx2>, &unit_pass2<VecAvx2>, &all_finite_impl,
-                      &all_finite_strided_impl};
+                      &all_finite_strided_impl, nullptr};
 
 }  // namespace
 

@@ -60,7 +60,7 @@ struct VecBase {
 };
 
 const Loops kLoops = {"base", &video_units<VecBase>, &unit_pass1<VecBase>, &unit_pass2<VecBase>, &all_finite_impl,
-                      &all_finite_strided_impl};
+                      &all_finite_strided_impl, nullptr};
 
 }  // namespace
 

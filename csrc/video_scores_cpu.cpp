@@ -45,7 +45,6 @@
 #include "cpu_simd.h"
 
 namespace omnisift {
-namespace {
 
 // The inner loops for this call: the best instruction set the CPU has, capped by OMNISIFT_CPU_ISA.
 const simd::Loops& cpu_loops() {
@@ -68,6 +67,8 @@ const simd::Loops& cpu_loops() {
 #endif
   return *simd::loops_base();
 }
+
+namespace {
 
 simd::Elem elem_of(c10::ScalarType t) {
   switch (t) {

@@ -130,32 +130,54 @@ class VisionGuidedAudioSelector(nn.Module):
         return self._head(self.attend(a, v, video_padding_mask), a)
 
     def attend(self, a: torch.Tensor, v: torch.Tensor, video_padding_mask: torch.Tensor | None,
-               linear=F.linear) -> torch.Tensor:
+               linear=F.linear, attention=None) -> torch.Tensor:
         """The cross attention of projected, normalised ``a [C, La, H]`` to ``v [C, Lv, H]``.
 
-        Computed with ``scaled_dot_product_attention`` (the fast kernels) from ``cross_attn``'s packed
-        weights; identical in math to ``nn.MultiheadAttention`` with a key padding mask
-        (``video_padding_mask`` bool ``[C, Lv]``, True at padding; None: no padding).
-        ``linear``: computes the four projections (``F.linear``, or the fast path's
-        :func:`omnisift_kernels.cpu_gemm.linear`).
+        Computed from ``cross_attn``'s packed weights, identical in math to ``nn.MultiheadAttention``
+        with a key padding mask (``video_padding_mask`` bool ``[C, Lv]``, True at padding; None: no
+        padding). ``linear``: computes the four projections (``F.linear``, or the fast path's
+        :func:`omnisift_kernels.cpu_gemm.linear`); ``attention``: the attention of the projected
+        heads, ``attention(q, k, v, key_padding, num_heads) -> [C, La, H]`` (default
+        :func:`heads_attention`, ``scaled_dot_product_attention``; the CPU fast path passes
+        :func:`omnisift_kernels.cpu_attention.attention`).
         """
-        H, nh = self.hidden_dim, self.num_heads
+        H = self.hidden_dim
         w, b = self.cross_attn.in_proj_weight, self.cross_attn.in_proj_bias
-        C, La, _ = a.shape
-        Lv = v.shape[1]
-        q = linear(a, w[:H], b[:H]).view(C, La, nh, H // nh).transpose(1, 2)
+        q = linear(a, w[:H], b[:H])
         kv = linear(v, w[H:], b[H:])  # keys and values in one GEMM (rows H:3H of the packed weight)
-        k = kv[..., :H].view(C, Lv, nh, H // nh).transpose(1, 2)
-        val = kv[..., H:].view(C, Lv, nh, H // nh).transpose(1, 2)
-        # Additive mask rather than bool: SDPA's math path treats both alike, this one is accepted by
-        # every backend. -inf on padding only; every chunk has >= 1 real key, so no row is all -inf.
-        bias = None
-        if video_padding_mask is not None:
-            bias = torch.zeros(C, 1, 1, Lv, dtype=q.dtype, device=q.device)
-            bias = bias.masked_fill(video_padding_mask[:, None, None, :], float("-inf"))
-        o = F.scaled_dot_product_attention(q, k, val, attn_mask=bias)
-        o = o.transpose(1, 2).reshape(C, La, H)
+        o = (attention or heads_attention)(q, kv[..., :H], kv[..., H:], video_padding_mask, self.num_heads)
         return linear(o, self.cross_attn.out_proj.weight, self.cross_attn.out_proj.bias)
+
+
+def heads_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding: torch.Tensor | None,
+                    num_heads: int) -> torch.Tensor:
+    """Multi-head scaled dot-product attention of per-chunk projected rows, by
+    ``F.scaled_dot_product_attention`` (scale ``1 / sqrt(head_dim)``).
+
+    Args:
+        q: ``[C, La, E]`` projected queries; k, v: ``[C, Lv, E]`` projected keys and values (views
+            are fine); head h is the h-th slice of width ``E / num_heads``.
+        key_padding: bool ``[C, Lv]``, True at padding keys (left out), or None. Every chunk needs
+            at least one real key (a fully padded chunk yields NaN).
+        num_heads: number of heads.
+
+    Returns:
+        ``[C, La, E]`` in ``q``'s dtype: the heads' outputs side by side.
+    """
+    C, La, E = q.shape
+    Lv = k.shape[1]
+    hd = E // num_heads
+    qh = q.reshape(C, La, num_heads, hd).transpose(1, 2)
+    kh = k.reshape(C, Lv, num_heads, hd).transpose(1, 2)
+    vh = v.reshape(C, Lv, num_heads, hd).transpose(1, 2)
+    # Additive mask rather than bool: SDPA's math path treats both alike, this one is accepted by
+    # every backend. -inf on padding only.
+    bias = None
+    if key_padding is not None:
+        bias = torch.zeros(C, 1, 1, Lv, dtype=q.dtype, device=q.device)
+        bias = bias.masked_fill(key_padding[:, None, None, :], float("-inf"))
+    o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=bias)
+    return o.transpose(1, 2).reshape(C, La, E)
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -132,3 +132,4 @@ def test_cpu_choices_tool_runs():
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     assert ("v_proj" in p.stdout and "mkl/onednn" in p.stdout) or "oneDNN linear unavailable" in p.stdout
     assert "huge pages on" in p.stdout or "not built" in p.stdout
+    assert "sdpa/kernel" in p.stdout or "does not serve here" in p.stdout
