@@ -8,9 +8,11 @@
 // heap; after a call of the release-style loop (or of a model) the fast path's two outputs of
 // omni7b-20s bf16 (14 and 17 MB) faulted about 7,500 pages per call, 8-12 ms of a 45 ms call.
 //
-// So blocks of 1 MiB or more come from a cache of freed blocks, as CUDA's caching allocator does on the
-// GPU: a block is reused for a request of at least half its size, so a steady stream of calls faults
-// nothing. Two users: the kernels' outputs (empty_cpu_output, always), and torch's CPU allocator while a
+// So blocks of 256 KiB or more come from a cache of freed blocks, as CUDA's caching allocator does on
+// the GPU: a block is reused for a request of at least half its size, so a steady stream of calls faults
+// nothing. (The floor was 1 MiB until the selector's 1,024,000-byte intermediates at omni7b-20s, just
+// under it, were seen faulting about 180 pages per call each: ~475 faults per call in all, a third of
+// them in layer norms' outputs.) Two users: the kernels' outputs (empty_cpu_output, always), and torch's CPU allocator while a
 // cpu_allocator_scope is open (the Python fast path opens one around each CPU call, so that its GEMM
 // outputs and other intermediates reuse blocks too; smaller blocks are then plain posix_memalign).
 // A freed block is kept while the cache holds at most OMNISIFT_CPU_OUTPUT_CACHE_MB (default 256; the
@@ -65,12 +67,13 @@ inline size_t cpu_output_cache_limit() {
 namespace detail {
 
 constexpr size_t kHugePage = size_t(2) << 20;
-constexpr size_t kMinCachedBytes = size_t(1) << 20;     // smaller blocks: torch's allocator
+constexpr size_t kMinCachedBytes = size_t(256) << 10;   // smaller blocks: torch's allocator
+constexpr size_t kSmallBlockStep = size_t(256) << 10;   // capacities below 2 MiB: multiples of this
 constexpr size_t kMinHugePageBytes = size_t(32) << 20;  // glibc's largest mmap threshold
 
 struct Block {
   void* ptr;
-  size_t capacity;  // bytes, a multiple of 2 MiB
+  size_t capacity;  // bytes: a multiple of 2 MiB, or of kSmallBlockStep below 2 MiB
 };
 
 // Freed blocks (most recent last) and the capacity of every live block. Leaked on purpose: tensors
@@ -124,7 +127,8 @@ inline void release_block(void* ptr) {
 // A block of at least nbytes: the smallest cached one of capacity below twice the request, else a
 // new one (2 MiB pages from 32 MiB on). nullptr when memory runs out.
 inline void* acquire_block(size_t nbytes, bool use_cache) {
-  const size_t capacity = (nbytes + kHugePage - 1) / kHugePage * kHugePage;
+  const size_t step = nbytes >= kHugePage ? kHugePage : kSmallBlockStep;
+  const size_t capacity = (nbytes + step - 1) / step * step;
   BlockCache& c = block_cache();
   if (use_cache) {
     std::lock_guard<std::mutex> lock(c.mutex);
@@ -154,7 +158,7 @@ inline void* acquire_block(size_t nbytes, bool use_cache) {
   return block;
 }
 
-// torch's CPU allocator while a cpu_allocator_scope is open: blocks of 1 MiB or more from the cache,
+// torch's CPU allocator while a cpu_allocator_scope is open: blocks of 256 KiB or more from the cache,
 // smaller ones from posix_memalign (64-byte aligned, as torch's own). One deleter for every block
 // (oneDNN allocates through raw_allocate/raw_deallocate, which need it).
 struct CachedCPUAllocator final : public c10::Allocator {
@@ -191,7 +195,7 @@ inline AllocatorScopeState& allocator_scope_state() {
 
 }  // namespace detail
 
-// Opens (enter) or closes a scope in which torch's CPU allocator serves allocations of 1 MiB or more
+// Opens (enter) or closes a scope in which torch's CPU allocator serves allocations of 256 KiB or more
 // from the cache (nested and concurrent scopes share one; the allocator in place before the first is
 // restored when the last closes). c10::SetCPUAllocator keeps an allocator of higher priority that
 // someone else installed: the scope then changes nothing. Returns whether the cache is in place.
@@ -283,7 +287,7 @@ inline void stream_fence() {
 #endif
 }
 
-// at::empty(sizes, options) for a kernel's CPU output; outputs of 1 MiB or more come from the cache of
+// at::empty(sizes, options) for a kernel's CPU output; outputs of 256 KiB or more come from the cache of
 // freed blocks when it holds one that fits, else from a new block (2 MiB pages from 32 MiB on).
 inline at::Tensor empty_cpu_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
   int64_t numel = 1;

@@ -13,7 +13,7 @@
 //   varlen_gather(src [N, D], indices int64 [T]) -> [T, D]
 //       out[t] = src[indices[t]]; indices outside [0, N) give zero rows.
 //   cpu_output_cache_bytes() -> int, release_cpu_output_cache() -> int
-//       the cache of freed CPU outputs of 1 MiB or more (cpu_alloc.h): bytes held; free them all.
+//       the cache of freed CPU outputs of 256 KiB or more (cpu_alloc.h): bytes held; free them all.
 
 #include "varlen.h"
 
@@ -252,7 +252,7 @@ TORCH_LIBRARY(omnisift, m) {
   // The cache of freed CPU outputs (cpu_alloc.h): bytes held now; free them all (returns the bytes).
   m.def("cpu_output_cache_bytes() -> int", &omnisift::cpu_output_cache_bytes);
   m.def("release_cpu_output_cache() -> int", &omnisift::release_cpu_output_cache);
-  // Opens/closes a scope in which torch's CPU allocator takes blocks of 1 MiB or more from that cache.
+  // Opens/closes a scope in which torch's CPU allocator takes blocks of 256 KiB or more from that cache.
   m.def("cpu_allocator_scope(bool enter) -> bool", &omnisift::cpu_allocator_scope);
   m.def("cpu_allocator_suspend(bool suspend) -> bool", &omnisift::cpu_allocator_suspend);
 }

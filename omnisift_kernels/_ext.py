@@ -51,7 +51,7 @@ def _has_block_cache() -> bool:
 
 @contextlib.contextmanager
 def cpu_block_cache(enabled: bool = True):
-    """While active, torch's CPU allocator takes blocks of 1 MiB or more from the extension's cache of
+    """While active, torch's CPU allocator takes blocks of 256 KiB or more from the extension's cache of
     freed blocks (``csrc/cpu_alloc.h``; ``OMNISIFT_CPU_OUTPUT_CACHE_MB=0`` turns it off): the fast
     path's intermediates (GEMM outputs, normalised rows) and outputs then reuse memory that is
     already mapped instead of faulting fresh pages, whatever ran in between. A no-op without the

@@ -212,17 +212,21 @@ def test_freed_outputs_are_cached_and_reused(empty_output_cache):
     assert again.data_ptr() == ptr and _cache_bytes() == 0
     assert torch.equal(again, src[idx[:600]])
     del again
-    # Smaller than half: a new block; the cached one stays.
-    small = torch.ops.omnisift.varlen_gather(src, idx[:300])  # 1.2 MB -> 2 MiB block
+    # Smaller than half: a new block; the cached one stays. Below 2 MiB capacities step by 256 KiB.
+    small = torch.ops.omnisift.varlen_gather(src, idx[:300])  # 1.2 MB -> a 1.25 MiB block
     assert small.data_ptr() != ptr and _cache_bytes() == 4 * MIB
     assert torch.equal(small, src[idx[:300]])
     del small
-    assert _cache_bytes() == 6 * MIB
-    # Below 1 MiB: torch's allocator, never cached.
+    assert _cache_bytes() == 4 * MIB + 5 * MIB // 4
+    quarter = torch.ops.omnisift.varlen_gather(src, idx[:75])  # 307,200 bytes -> a 512 KiB block
+    del quarter
+    held = 4 * MIB + 5 * MIB // 4 + MIB // 2
+    assert _cache_bytes() == held
+    # Below 256 KiB: torch's allocator, never cached.
     tiny = torch.ops.omnisift.varlen_gather(src, idx[:10])
     del tiny
-    assert _cache_bytes() == 6 * MIB
-    assert torch.ops.omnisift.release_cpu_output_cache() == 6 * MIB and _cache_bytes() == 0
+    assert _cache_bytes() == held
+    assert torch.ops.omnisift.release_cpu_output_cache() == held and _cache_bytes() == 0
 
 
 @needs_gather
@@ -275,7 +279,7 @@ needs_scope = pytest.mark.skipif(not torch._C._dispatch_has_kernel("omnisift::cp
 
 @needs_scope
 def test_allocator_scope_serves_torch_allocations(empty_output_cache):
-    """Inside the scope every CPU allocation goes through the cache's allocator (blocks of 1 MiB or more
+    """Inside the scope every CPU allocation goes through the cache's allocator (blocks of 256 KiB or more
     come back to the cache when freed, smaller ones are freed); outside it torch's allocator is back."""
     assert torch.ops.omnisift.cpu_allocator_scope(True)
     try:
