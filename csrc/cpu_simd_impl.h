@@ -283,8 +283,20 @@ struct UnitKernel {
   }
   // Pass 2 over positions [i0, i1): every score of the range (mean: the segment's mean, mm = |mean|^2;
   // unused without needs_mean). A is read again, mostly from the cache.
+  // Prefetches row i of the unit's frames (A, and B when fused) into L2 (from where they fall to L3):
+  // pass 2 of the previous unit reads from the cache only, so it streams this unit in meanwhile.
+  void prefetch_rows(int64_t i) const {
+    if (Strided || i >= n) return;
+    const int64_t bytes = p.D * static_cast<int64_t>(sizeof(T));
+    const char* ra = static_cast<const char*>(raw_row(p.token_index[a0 + i]));
+    const char* rb = fused ? static_cast<const char*>(raw_row(p.token_index[b0 + i])) : nullptr;
+    for (int64_t o = 0; o < bytes; o += 64) {
+      __builtin_prefetch(ra + o, 0, PrefetchLocality);
+      if (rb) __builtin_prefetch(rb + o, 0, PrefetchLocality);
+    }
+  }
   void pass2_range(int64_t i0, int64_t i1, const double* mean, double mm, const double* acc, float* row_a,
-                   float* row_b) const {
+                   float* row_b, const UnitKernel* next = nullptr) const {
     const double* norm_a = acc;
     const double* dot_ab = acc + n;
     const double* norm_b = acc + 2 * n;
@@ -292,6 +304,7 @@ struct UnitKernel {
     const int64_t* pair = p.pair_index;
     double r[3];
     for (int64_t i = i0; i < i1; ++i) {
+      if (next) next->prefetch_rows(i - i0);
       const int64_t t = tok[a0 + i];
       if (pair[a0 + i] < 0) {
         p.out[a0 + i] = cosine(dot_f64<V, RE>(row(t, row_a), mean, p.D), norm_a[i], mm);
@@ -331,7 +344,12 @@ void video_units_impl(const VideoScoresProblem& p, int64_t u0, int64_t u1, Video
       k.pass1_range(0, k.n, s.sum, s.acc, s.row_a, s.row_b);
       mm = finish_mean(s.sum, p.D, k.n);
     }
-    k.pass2_range(0, k.n, s.sum, mm, s.acc, s.row_a, s.row_b);
+    if (u + 1 < u1) {
+      const UnitKernel<V, E, Strided> next(p, u + 1);
+      k.pass2_range(0, k.n, s.sum, mm, s.acc, s.row_a, s.row_b, &next);
+    } else {
+      k.pass2_range(0, k.n, s.sum, mm, s.acc, s.row_a, s.row_b);
+    }
     // The unit's scores are final: let the caller use them while its rows are still in cache.
     if (p.after_unit) p.after_unit(p.after_unit_ctx, p.unit_seg[u], k.fused ? 2 : 1);
   }
