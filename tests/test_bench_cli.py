@@ -133,3 +133,19 @@ def test_cpu_choices_tool_runs():
     assert ("v_proj" in p.stdout and "mkl/onednn" in p.stdout) or "oneDNN linear unavailable" in p.stdout
     assert "huge pages on" in p.stdout or "not built" in p.stdout
     assert "sdpa/kernel" in p.stdout or "does not serve here" in p.stdout
+
+
+def test_timing_pauses_the_garbage_collector():
+    """Timed calls run with the cyclic collector off (as timeit does); it is back on afterwards."""
+    import gc
+
+    import torch
+
+    from bench.timing import time_fn, time_interleaved
+
+    seen = []
+    assert gc.isenabled()
+    time_fn(lambda i: seen.append(gc.isenabled()), 1, torch.device("cpu"), repeat=3)
+    time_interleaved({"a": lambda i: seen.append(gc.isenabled())}, 1, torch.device("cpu"), repeat=2)
+    # warm-up calls (not timed) with it on, timed calls with it off
+    assert seen == [True, False, False, False, True, False, False] and gc.isenabled()
