@@ -33,8 +33,10 @@ except Exception as exc:  # not built, or an ABI mismatch with the installed tor
     )
 
 
+@functools.lru_cache(maxsize=None)
 def ext_has_kernel(op_name: str, dispatch_key: str) -> bool:
-    """Whether the extension registered ``omnisift::<op_name>`` for ``dispatch_key`` ("CPU"/"CUDA")."""
+    """Whether the extension registered ``omnisift::<op_name>`` for ``dispatch_key`` ("CPU"/"CUDA").
+    Cached: the extension registers everything when it loads, at import."""
     if not EXT_AVAILABLE:
         return False
     try:

@@ -99,8 +99,8 @@ def _cpu_has_avx512() -> bool:
     return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
-def _env(name: str, allowed: tuple[str, ...]) -> str:
-    value = os.environ.get(name, "auto").strip().lower() or "auto"
+def _env(name: str, allowed: tuple[str, ...], raw: str | None) -> str:
+    value = (raw or "auto").strip().lower() or "auto"
     if value not in allowed:
         raise ValueError(f"omnisift_kernels: {name} must be one of {', '.join(allowed)}, got {value!r}")
     return value
@@ -109,18 +109,25 @@ def _env(name: str, allowed: tuple[str, ...]) -> str:
 def gemm_policy() -> dict:
     """The choices in force: ``{"fp32": "onednn"|"aten", "half": "fp32"|"native", "onednn_min_rows":
     int}`` (the fewest rows of a GEMM oneDNN takes: 0 on CPUs with AVX-512, ``MIN_ROWS`` without)."""
-    lib = _env("OMNISIFT_CPU_GEMM", ("auto", "aten", "onednn"))
-    half = _env("OMNISIFT_CPU_HALF_GEMM", ("auto", "native", "fp32"))
+    return dict(_policy_for(os.environ.get("OMNISIFT_CPU_GEMM"), os.environ.get("OMNISIFT_CPU_HALF_GEMM")))
+
+
+@functools.lru_cache(maxsize=64)
+def _policy_for(gemm_env: str | None, half_env: str | None) -> tuple:
+    """:func:`gemm_policy` for these values of the two variables (cached: a fast-path call asks once
+    per GEMM)."""
+    lib = _env("OMNISIFT_CPU_GEMM", ("auto", "aten", "onednn"), gemm_env)
+    half = _env("OMNISIFT_CPU_HALF_GEMM", ("auto", "native", "fp32"), half_env)
     min_rows = 0 if _cpu_has_avx512() else MIN_ROWS
     if lib == "aten":
-        return {"fp32": "aten", "half": "native", "onednn_min_rows": min_rows}
+        return (("fp32", "aten"), ("half", "native"), ("onednn_min_rows", min_rows))
     if lib == "auto":
         lib = "onednn" if cpu_vendor() == "amd" else "aten"
     if lib == "onednn" and not _onednn_linear_available():
         lib = "aten"
     if half == "auto":
         half = "native" if _cpu_has_avx512() else "fp32"
-    return {"fp32": lib, "half": half, "onednn_min_rows": min_rows}
+    return (("fp32", lib), ("half", half), ("onednn_min_rows", min_rows))
 
 
 def _eligible(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
