@@ -177,7 +177,10 @@ CompactResult varlen_compact_cpu(const at::Tensor& x_in, const at::Tensor& keep_
   at::parallel_for(0, T, grain_for(row_bytes + 64), [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t i = ip[t], b = i / L, l = i % L;
-      if (row_bytes > 0) copy_row_streaming(pp + t * row_bytes, xp + b * sb + l * sl, static_cast<size_t>(row_bytes));
+      const char* next = nullptr;  // the next row, prefetched while this one is copied
+      if (t + 1 < t1) next = xp + (ip[t + 1] / L) * sb + (ip[t + 1] % L) * sl;
+      if (row_bytes > 0)
+        copy_row_streaming(pp + t * row_bytes, xp + b * sb + l * sl, static_cast<size_t>(row_bytes), next);
       for (int64_t k = 0; k < K; ++k)
         copy_elem(pos_outp + (k * T + t) * pisz, posp + k * psk + b * psb + l * psl, pisz);
       if (labp != nullptr) copy_elem(lab_outp + t * lisz, labp + b * lsb + l * lsl, lisz);
@@ -229,8 +232,10 @@ at::Tensor varlen_gather_cpu(const at::Tensor& src_in, const at::Tensor& indices
   at::parallel_for(0, T, grain_for(row_bytes), [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t i = ip[t];
+      const int64_t next = t + 1 < t1 ? ip[t + 1] : -1;  // its row is prefetched while this one is copied
       if (i >= 0 && i < N)
-        copy_row_streaming(op + t * row_bytes, sp + i * ss, static_cast<size_t>(row_bytes));
+        copy_row_streaming(op + t * row_bytes, sp + i * ss, static_cast<size_t>(row_bytes),
+                           next >= 0 && next < N ? sp + next * ss : nullptr);
       else
         std::memset(op + t * row_bytes, 0, static_cast<size_t>(row_bytes));
     }
