@@ -84,7 +84,34 @@ class IndexPlan:
 
 
 def index_plan(plan: DevicePlan, sizes: PlanSizes) -> IndexPlan:
-    """Stage 3: exact-size CSR lists from the stage-1 buffers (no sync)."""
+    """Stage 3: exact-size CSR lists from the stage-1 buffers (no sync).
+
+    On CPU tensors (outside ``torch.compile`` tracing) the extension's ``omnisift::index_plan_cpu``
+    builds them in two passes over the tokens (0.044 vs 0.25 ms at omni7b-20s); elsewhere
+    :func:`_index_plan_torch`, the contract, whose lists it equals exactly.
+    """
+    if (plan.is_video.device.type == "cpu" and not torch.compiler.is_compiling()
+            and ext_has_kernel("index_plan_cpu", "CPU")):
+        return _index_plan_cpu(plan, sizes)
+    return _index_plan_torch(plan, sizes)
+
+
+def _index_plan_cpu(plan: DevicePlan, sizes: PlanSizes) -> IndexPlan:
+    F = sizes.num_frames
+    video_index, frame_offsets, pair_index, audio_index, audio_chunk, audio_offsets, keep_counts = (
+        torch.ops.omnisift.index_plan_cpu(
+            plan.is_video, plan.frame_len, plan.frame_id, plan.frame_is_paired, plan.is_audio, plan.audio_chunk,
+            plan.chunk_audio, plan.chunk_audio_keep, F, sizes.num_chunks, sizes.num_video, sizes.num_audio,
+            sizes.num_audio_assigned))
+    return IndexPlan(
+        video_index=video_index, frame_offsets=frame_offsets, frame_drop=plan.frame_drop[:F],
+        pair_index=pair_index, audio_index=audio_index, audio_chunk=audio_chunk,
+        audio_offsets=audio_offsets, audio_keep_count=keep_counts,
+    )
+
+
+def _index_plan_torch(plan: DevicePlan, sizes: PlanSizes) -> IndexPlan:
+    """:func:`index_plan` in tensor ops (any device)."""
     F, C, Nv, Na = sizes.num_frames, sizes.num_chunks, sizes.num_video, sizes.num_audio
     video_index = compact_indices(plan.is_video, Nv)
     frame_offsets = _offsets(plan.frame_len[:F])

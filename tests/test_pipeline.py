@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 
 import pytest
@@ -122,6 +124,16 @@ def _assert_same_plan(input_ids, time_ids, valid, rho, score_audio, video_token_
         a, b = getattr(want, name), getattr(got, name)
         assert a.dtype == b.dtype and a.shape == b.shape, (name, a.dtype, b.dtype, a.shape, b.shape)
         assert torch.equal(a, b), f"{name}: {a.tolist()} != {b.tolist()}"
+    # The stage-3 lists too: omnisift::index_plan_cpu against the tensor-op version.
+    from omnisift_kernels.pipeline import IndexPlan, _index_plan_cpu, _index_plan_torch
+    from omnisift_kernels.plan import read_sizes
+
+    sizes = read_sizes(want, None)
+    want_index, got_index = _index_plan_torch(want, sizes), _index_plan_cpu(want, sizes)
+    for f in dataclasses.fields(IndexPlan):
+        a, b = getattr(want_index, f.name), getattr(got_index, f.name)
+        assert a.dtype == b.dtype and a.shape == b.shape, (f.name, a.dtype, b.dtype, a.shape, b.shape)
+        assert torch.equal(a, b), f"{f.name}: {a.tolist()} != {b.tolist()}"
 
 
 @needs_cpu_plan
