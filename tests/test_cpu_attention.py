@@ -76,6 +76,20 @@ def test_kernel_reads_strided_views_in_place():
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs_are_widened(dtype):
+    """bf16/fp16 heads: widened to fp32, attended, rounded back; within the half precision tolerance
+    of ATen's attention in that dtype."""
+    q, k, v, mask = _inputs(4, 30, 20, 8, 64, "right", seed=5)
+    q, kv = q.to(dtype), torch.cat([k, v], -1).to(dtype)
+    k, v = kv[..., :512], kv[..., 512:]
+    got = cpu_attention.attention(q, k, v, mask, 8)
+    assert got.dtype == dtype
+    atol, rtol = tolerance(dtype, "native")
+    torch.testing.assert_close(got.float(), heads_attention(q, k, v, mask, 8).float(), atol=atol, rtol=rtol)
+
+
+@needs_kernel
 def test_kernel_errors():
     q, k, v, mask = _inputs(2, 5, 4, 2, 64, None)
     op = torch.ops.omnisift.chunk_attention_cpu
@@ -100,7 +114,9 @@ def test_dispatch(monkeypatch):
     q, k, v, mask = _inputs(2, 5, 4, 2, 64, "right")
     monkeypatch.delenv("OMNISIFT_CPU_ATTENTION", raising=False)
     assert cpu_attention.kernel_serves(q, k, v, 2) == available
-    assert not cpu_attention.kernel_serves(q.bfloat16(), k.bfloat16(), v.bfloat16(), 2)
+    assert cpu_attention.kernel_serves(q.bfloat16(), k.bfloat16(), v.bfloat16(), 2) == available
+    assert not cpu_attention.kernel_serves(q.bfloat16(), k, v, 2)  # mixed dtypes
+    assert not cpu_attention.kernel_serves(q.double(), k.double(), v.double(), 2)
     assert not cpu_attention.kernel_serves(q, k, v, 1)  # head_dim 128
     assert not cpu_attention.kernel_serves(q.requires_grad_(), k, v, 2)
     with torch.no_grad():
