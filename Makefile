@@ -1,5 +1,6 @@
 # The two commands of the README:
-#   make bench   set everything up, then run the default benchmark (python -m bench)
+#   make bench   set everything up, then run the default benchmark with its scaling section
+#                (python -m bench --scaling)
 #   make test    set everything up, then run the whole test suite on the CPU (Triton interpreter)
 #
 # Setup is idempotent: a virtual environment in $(VENV) (reusing an importable torch through
@@ -43,7 +44,7 @@ $(STAMP): $(VENV)/bin/python $(SOURCES)
 	@touch $(STAMP)
 
 bench: setup
-	$(VPY) -m bench
+	$(VPY) -m bench --scaling
 
 # TRITON_INTERPRET=1 is set in the environment before Python starts, so it is in force before
 # any Triton kernel is defined. Exit code 5 (no tests collected) counts as a failure.
