@@ -8,8 +8,8 @@ Peak memory
 * CUDA: ``torch.cuda.max_memory_allocated`` over one call, minus what was allocated before it.
 * CPU: torch does not track CPU allocations, so every point runs in its own subprocess (in this
   process with ``--quick``)
-  (``python -m bench.scaling --point ...``), which builds its inputs, returns freed heap to the OS
-  (``malloc_trim``), resets the kernel's RSS high-water mark (``/proc/self/clear_refs`` ``5``) and
+  (``python -m bench.scaling --point ...``), which builds its inputs, frees the blocks the extension
+  keeps for reuse and returns freed heap to the OS (``malloc_trim``), resets the kernel's RSS high-water mark (``/proc/self/clear_refs`` ``5``) and
   reports ``VmHWM - VmRSS`` around one call: the extra resident memory of the call, inputs excluded.
   Where ``clear_refs`` is not writable it falls back to ``resource.getrusage`` (``ru_maxrss``, which
   then includes building the inputs; the method is recorded per point).
@@ -87,6 +87,10 @@ def measure_point(seconds: int, frame_h: int, frame_w: int, d_model: int, *, pro
         method = "torch.cuda.max_memory_allocated"
         del out
     else:
+        # Blocks the extension keeps for reuse (csrc/cpu_alloc.h) would let the measured call run in
+        # memory that is already resident: freed first, so the call's own peak is what is measured.
+        if hasattr(torch.ops.omnisift, "release_cpu_output_cache"):
+            torch.ops.omnisift.release_cpu_output_cache()
         _trim()
         if _reset_hwm() and _status_kb("VmHWM") is not None:
             base = _status_kb("VmRSS") * 1024
