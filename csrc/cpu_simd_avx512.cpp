@@ -109,22 +109,35 @@ void attention_scores(const float* k, int64_t ks, const float* qt, int64_t hd, f
 
 // out[r][0:16 H] = inv[r] * sum_j pt[j][r] v[j][0:16 H] for R queries (pt: column r of the
 // probabilities tile, row stride 64; padding keys hold 0).
+// Keys are summed in blocks of kKeyBlock, the blocks' partial sums then added: the rounding error of
+// a sum over n keys grows like kKeyBlock + n / kKeyBlock instead of n (thousands of keys per chunk
+// come with large frames).
+constexpr int64_t kKeyBlock = 128;
+
 template <int R, int H>
 inline void attention_values_block(const float* v, int64_t vs, const float* pt, int64_t n_keys, const float* inv,
                                    float* out, int64_t os) {
-  v16 acc[R][H];
+  v16 total[R][H];
   for (int r = 0; r < R; ++r)
-    for (int t = 0; t < H; ++t) acc[r][t] = vset(0.0f);
-  for (int64_t j = 0; j < n_keys; ++j) {
-    v16 b[H];
-    for (int t = 0; t < H; ++t) b[t] = vload(v + j * vs + 16 * t);
-    for (int r = 0; r < R; ++r) {
-      const v16 a = vset(pt[j * 64 + r]);
-      for (int t = 0; t < H; ++t) acc[r][t] += a * b[t];
+    for (int t = 0; t < H; ++t) total[r][t] = vset(0.0f);
+  for (int64_t j0 = 0; j0 < n_keys; j0 += kKeyBlock) {
+    const int64_t j1 = j0 + kKeyBlock < n_keys ? j0 + kKeyBlock : n_keys;
+    v16 acc[R][H];
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < H; ++t) acc[r][t] = vset(0.0f);
+    for (int64_t j = j0; j < j1; ++j) {
+      v16 b[H];
+      for (int t = 0; t < H; ++t) b[t] = vload(v + j * vs + 16 * t);
+      for (int r = 0; r < R; ++r) {
+        const v16 a = vset(pt[j * 64 + r]);
+        for (int t = 0; t < H; ++t) acc[r][t] += a * b[t];
+      }
     }
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < H; ++t) total[r][t] += acc[r][t];
   }
   for (int r = 0; r < R; ++r)
-    for (int t = 0; t < H; ++t) vstore(out + r * os + 16 * t, acc[r][t] * inv[r]);
+    for (int t = 0; t < H; ++t) vstore(out + r * os + 16 * t, total[r][t] * inv[r]);
 }
 
 template <int H>
@@ -179,16 +192,21 @@ void chunk_attention_avx512(const ChunkAttentionProblem& p, int64_t item0, int64
         for (int64_t j = 0; j < Lv; ++j) {
           if (!pad || !pad[j]) m = vmax(m, vload(col + j * 64));
         }
-        v16 sum = vset(0.0f);
+        v16 sum = vset(0.0f), block = vset(0.0f);
         for (int64_t j = 0; j < Lv; ++j) {
+          if (j % kKeyBlock == 0) {
+            sum += block;
+            block = vset(0.0f);
+          }
           if (pad && pad[j]) {
             vstore(col + j * 64, vset(0.0f));
             continue;
           }
           const v16 e = vexp_nonpositive(vload(col + j * 64) - m);
           vstore(col + j * 64, e);
-          sum += e;
+          block += e;
         }
+        sum += block;
         vstore(inv + 16 * t, vset(1.0f) / sum);
       }
       float* out = p.out + c * p.out_chunk + i0 * p.out_row + h * hd;
