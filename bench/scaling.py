@@ -9,8 +9,8 @@ Peak memory
 * CPU: torch does not track CPU allocations, so every point runs in its own subprocess (in this
   process with ``--quick``)
   (``python -m bench.scaling --point ...``), which builds its inputs, frees the blocks the extension
-  keeps for reuse and returns freed heap to the OS (``malloc_trim``), resets the kernel's RSS high-water mark (``/proc/self/clear_refs`` ``5``) and
-  reports ``VmHWM - VmRSS`` around one call: the extra resident memory of the call, inputs excluded.
+  keeps for reuse and returns freed heap to the OS (``malloc_trim``), resets the kernel's RSS
+  high-water mark (``/proc/self/clear_refs`` ``5``) and reports ``VmHWM - VmRSS`` around one call: the extra resident memory of the call, inputs excluded.
   Where ``clear_refs`` is not writable it falls back to ``resource.getrusage`` (``ru_maxrss``, which
   then includes building the inputs; the method is recorded per point).
 """

@@ -58,25 +58,28 @@ def cpu_block_cache(enabled: bool = True):
     path's intermediates (GEMM outputs, normalised rows) and outputs then reuse memory that is
     already mapped instead of faulting fresh pages, whatever ran in between. A no-op without the
     extension and under ``torch.compile`` tracing."""
-    if not enabled or torch.compiler.is_compiling() or not _has_block_cache():
+    with _block_cache_toggle("cpu_allocator_scope", enabled):
         yield
-        return
-    torch.ops.omnisift.cpu_allocator_scope(True)
-    try:
-        yield
-    finally:
-        torch.ops.omnisift.cpu_allocator_scope(False)
 
 
 @contextlib.contextmanager
 def outside_cpu_block_cache():
     """Suspends an open :func:`cpu_block_cache` (torch's own allocator is back meanwhile): for memory
     that outlives the call and is freed with whatever allocator is current then (oneDNN's buffers)."""
-    if torch.compiler.is_compiling() or not _has_block_cache():
+    with _block_cache_toggle("cpu_allocator_suspend"):
+        yield
+
+
+@contextlib.contextmanager
+def _block_cache_toggle(op_name: str, enabled: bool = True):
+    """``omnisift::<op_name>(True)`` for the block, ``(False)`` after it (also on errors); nothing
+    without the extension, under ``torch.compile`` tracing or when not ``enabled``."""
+    if not enabled or torch.compiler.is_compiling() or not _has_block_cache():
         yield
         return
-    torch.ops.omnisift.cpu_allocator_suspend(True)
+    op = getattr(torch.ops.omnisift, op_name)
+    op(True)
     try:
         yield
     finally:
-        torch.ops.omnisift.cpu_allocator_suspend(False)
+        op(False)

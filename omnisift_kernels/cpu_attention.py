@@ -18,7 +18,6 @@ it serves) or ``sdpa`` (always ``scaled_dot_product_attention``).
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -32,11 +31,6 @@ _HEAD_DIMS = (16, 32, 48, 64)
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-@functools.lru_cache(maxsize=None)
-def _kernel_built() -> bool:
-    return ext_has_kernel("chunk_attention_cpu", "CPU")
-
-
 def _choice() -> str:
     value = os.environ.get("OMNISIFT_CPU_ATTENTION", "auto").strip().lower() or "auto"
     if value not in ("auto", "sdpa"):
@@ -48,7 +42,7 @@ def kernel_serves(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: 
     """Whether :func:`attention` runs the extension's kernel for these inputs (see the module
     docstring); False means ``scaled_dot_product_attention``."""
     tensors = (q, k, v)
-    if torch.compiler.is_compiling() or _choice() != "auto" or not _kernel_built():
+    if torch.compiler.is_compiling() or _choice() != "auto" or not ext_has_kernel("chunk_attention_cpu", "CPU"):
         return False
     if any(t.device.type != "cpu" or t.dtype not in _DTYPES or t.dtype != q.dtype or t.dim() != 3
            or t.stride(-1) != 1 for t in tensors):

@@ -18,9 +18,10 @@ in float64 (spec §3).
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import torch
+
+from ._ext import ext_has_kernel
 
 from .layout import SECONDS_PER_CHUNK, TOKENS_PER_SECOND, Audio, Image, Item, Text, Video, row_length
 
@@ -115,16 +116,8 @@ def _max_or_zero(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([t, t.new_zeros(1)]).max()
 
 
-_PLAN_FIELDS = ("is_video", "is_audio", "keep_base", "frame_id", "audio_chunk", "frame_len", "frame_drop",
-                "frame_chunk", "frame_is_paired", "chunk_audio", "chunk_video_kept", "chunk_audio_keep",
-                "chunk_scored", "video_total", "video_kept", "audio_total", "audio_kept", "kept", "sizes")
-
-
-@functools.lru_cache(maxsize=None)
-def _cpu_plan_kernel() -> bool:
-    from ._ext import ext_has_kernel
-
-    return ext_has_kernel("build_plan_cpu", "CPU")
+# The tensors of a DevicePlan in field order: the order omnisift::build_plan_cpu returns them in.
+_PLAN_FIELDS = tuple(f.name for f in dataclasses.fields(DevicePlan) if f.name not in ("batch", "seqlen"))
 
 
 def build_plan(
@@ -159,7 +152,7 @@ def build_plan(
     """
     kw = dict(video_token_id=video_token_id, audio_token_id=audio_token_id, rho_video=rho_video,
               rho_audio=rho_audio, score_audio=score_audio)
-    if input_ids.device.type == "cpu" and not torch.compiler.is_compiling() and _cpu_plan_kernel():
+    if input_ids.device.type == "cpu" and not torch.compiler.is_compiling() and ext_has_kernel("build_plan_cpu", "CPU"):
         return _build_plan_cpu(input_ids, time_ids, valid, **kw)
     return _build_plan_torch(input_ids, time_ids, valid, **kw)
 

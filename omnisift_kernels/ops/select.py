@@ -4,7 +4,8 @@
 in the order (score descending, then position ascending): element i of segment s is selected iff
 ``#{j in s: score_j > score_i or (score_j == score_i and j < i)} < k[s]``. All segments in one
 launch (Triton), a partial selection per segment (the extension's C++ CPU kernel) or a handful of
-vectorized torch ops (a stable two-key sort, where the extension is missing); no host sync. Registered as ``omnisift::segmented_topk_mask``.
+vectorized torch ops (a stable two-key sort, where the extension is missing); no host sync.
+Registered as ``omnisift::segmented_topk_mask``.
 """
 
 from __future__ import annotations
