@@ -15,7 +15,7 @@ from . import cases as C
 from . import env as E
 from . import providers as P
 from . import stages as S
-from .report import format_table, write_json
+from .report import format_table, target_lines, write_json
 from .timing import time_fn, time_interleaved
 
 OP_ALIASES = {"floor": S.FLOOR, "e2e": S.END_TO_END, "end-to-end": S.END_TO_END}
@@ -359,6 +359,9 @@ def main(argv=None) -> int:
     print(format_table(runner.rows))
     for wl, preset, dt, got, exp in runner.acceptance:
         print(f"acceptance: retention {wl} {preset} {dt}: {got} (expected {exp}) {'OK' if got == exp else 'FAIL'}")
+    targets = target_lines(runner.rows, device.type)
+    for line in targets:
+        print(line)
     if scaling:
         from .scaling import format_scaling
 
@@ -368,7 +371,7 @@ def main(argv=None) -> int:
               f"peak memory: {what.get('mem_method')}")
         print(format_scaling(scaling))
     meta = dict(env, copy_bw_gbps=copy_gbps, header=E.header_line(env), argv=argv, wall_s=t_total,
-                main_wall_s=t_main, scaling=scaling, failures=runner.failures)
+                main_wall_s=t_main, scaling=scaling, failures=runner.failures, targets=targets)
     rows = list(runner.rows)
     for p in scaling:
         if "error" in p:

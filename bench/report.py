@@ -102,3 +102,71 @@ def read_json(path: str) -> tuple[dict, list[dict]]:
     if isinstance(data, list):
         return {}, data
     return data.get("meta", {}), data["rows"]
+
+
+# The performance targets of the pipeline issue (issue 6), checked against a run's rows:
+# (workload, preset, dtype, device type, provider, max ms or None, min speedup vs the loop or None).
+TARGETS = (
+    ("omni7b-20s", "paper-35", "fp32", "cpu", "cpu", None, 2.0),
+    ("omni7b-20s", "paper-35", "bf16", "cpu", "cpu", None, 2.0),
+    ("omni7b-20s", "paper-35", "bf16", "cuda", "triton", 0.3, 50.0),
+    ("omni7b-120s", "paper-35", "bf16", "cuda", "triton", 1.0, None),
+)
+
+
+def _e2e(rows: list[dict], workload: str, preset: str, dtype: str, provider: str) -> dict | None:
+    for r in rows:
+        if (r["op"] == "end_to_end" and r["status"] == "ok" and r["provider"] == provider
+                and r["workload"] == workload and r["preset"] == preset and r["dtype"] == dtype):
+            return r
+    return None
+
+
+def _floor(rows: list[dict], workload: str, preset: str, dtype: str) -> dict | None:
+    """The floor row of the library's own GEMM choice (``cpu_gemm x2 ...``), else any floor row."""
+    found = [r for r in rows if r["op"] == "selector-projections floor" and r["status"] == "ok"
+             and r["workload"] == workload and r["preset"] == preset and r["dtype"] == dtype]
+    found.sort(key=lambda r: not r["provider"].startswith("cpu_gemm"))
+    return found[0] if found else None
+
+
+def target_lines(rows: list[dict], device_type: str) -> list[str]:
+    """One line per performance target of this device type: measured figure, target, met or not.
+
+    The figures are the run's end-to-end medians (interleaved rounds: the ratio compares calls made
+    under the same conditions). A target whose rows are not in the run says so (and how to get them).
+    Informational: a missed speed target does not change the exit status (timings vary between runs
+    on a shared machine; the retention acceptance does).
+    """
+    out = []
+    for wl, preset, dt, dev, provider, max_ms, min_x in TARGETS:
+        if dev != device_type:
+            continue
+        name = f"target: {wl} {preset} {dt} ({provider})"
+        r = _e2e(rows, wl, preset, dt, provider)
+        if r is None:
+            out.append(f"{name}: not measured in this run (python -m bench --workload {wl} --dtype {dt} "
+                       f"--preset {preset})")
+            continue
+        parts = [f"{fmt_ms(r['median_ms'])} ms"]
+        if max_ms is not None:
+            parts.append(f"target <= {max_ms:g} ms: {'met' if r['median_ms'] <= max_ms else 'NOT met'}")
+        loop = _e2e(rows, wl, preset, dt, "release-loop")
+        if min_x is not None:
+            if loop is None:
+                parts.append(f"target >= {min_x:g}x the release-style loop: loop not measured")
+            else:
+                x = loop["median_ms"] / r["median_ms"]
+                parts.append(f"{x:.2f}x the release-style loop ({fmt_ms(loop['median_ms'])} ms; target >= "
+                             f"{min_x:g}x: {'met' if x >= min_x else 'NOT met'})")
+        ref = _e2e(rows, wl, preset, dt, "reference")
+        if ref is not None and dev == "cpu":
+            x = ref["median_ms"] / r["median_ms"]
+            parts.append(f"{x:.2f}x the reference ({fmt_ms(ref['median_ms'])} ms; target > 1x: "
+                         f"{'met' if x > 1 else 'NOT met'})")
+        floor = _floor(rows, wl, preset, dt)
+        if floor is not None and dev == "cpu":
+            parts.append(f"projections floor {fmt_ms(floor['median_ms'])} ms ({provider} path = "
+                         f"{r['median_ms'] / floor['median_ms']:.2f}x the floor)")
+        out.append(f"{name}: " + "; ".join(parts))
+    return out

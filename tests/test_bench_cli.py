@@ -149,3 +149,41 @@ def test_timing_pauses_the_garbage_collector():
     time_interleaved({"a": lambda i: seen.append(gc.isenabled())}, 1, torch.device("cpu"), repeat=2)
     # warm-up calls (not timed) with it on, timed calls with it off
     assert seen == [True, False, False, False, True, False, False] and gc.isenabled()
+
+
+def _row(op, provider, workload, dtype, median, preset="paper-35"):
+    return dict(op=op, provider=provider, workload=workload, dtype=dtype, preset=preset, status="ok",
+                median_ms=median)
+
+
+def test_target_lines_report_met_and_missed():
+    from bench.report import target_lines
+
+    rows = [
+        _row("end_to_end", "release-loop", "omni7b-20s", "fp32", 150.0),
+        _row("end_to_end", "reference", "omni7b-20s", "fp32", 200.0),
+        _row("end_to_end", "cpu", "omni7b-20s", "fp32", 70.0),
+        _row("selector-projections floor", "torch F.linear x2", "omni7b-20s", "fp32", 55.0),
+        _row("selector-projections floor", "cpu_gemm x2 (onednn, half native)", "omni7b-20s", "fp32", 42.0),
+        _row("end_to_end", "release-loop", "omni7b-20s", "bf16", 70.0),
+        _row("end_to_end", "cpu", "omni7b-20s", "bf16", 40.0),
+        _row("end_to_end", "cpu", "omni7b-20s", "bf16", 1.0, preset="paper-25"),  # another preset: ignored
+    ]
+    lines = target_lines(rows, "cpu")
+    assert len(lines) == 2, lines
+    fp32, bf16 = lines
+    assert "2.14x the release-style loop (150 ms; target >= 2x: met)" in fp32
+    assert "2.86x the reference (200 ms; target > 1x: met)" in fp32
+    assert "projections floor 42.0 ms (cpu path = 1.67x the floor)" in fp32  # the library's GEMM row
+    assert "1.75x the release-style loop (70.0 ms; target >= 2x: NOT met)" in bf16
+    gpu = target_lines([_row("end_to_end", "triton", "omni7b-20s", "bf16", 0.25),
+                        _row("end_to_end", "release-loop", "omni7b-20s", "bf16", 10.0)], "cuda")
+    assert "target <= 0.3 ms: met" in gpu[0] and "40.00x the release-style loop" in gpu[0] and "NOT met" in gpu[0]
+    assert "omni7b-120s" in gpu[1] and "not measured in this run" in gpu[1]
+
+
+def test_quick_run_prints_the_targets(quick_run):
+    p, out, _ = quick_run
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("target: ")]
+    assert len(lines) == 2 and all("not measured in this run" in ln for ln in lines), lines  # tiny only
+    assert json.loads(out.read_text())["meta"]["targets"] == lines
