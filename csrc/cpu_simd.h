@@ -53,10 +53,11 @@ struct VideoScoresScratch {
 // where x[c, i, h] is the head_dim-wide slice starting at element h * head_dim of row i of chunk c.
 // fp32 throughout; strides in elements. Work items are (chunk, head) pairs, item = c * num_heads + h.
 struct ChunkAttentionProblem {
-  const float* q;  // [C, La, num_heads * head_dim] through q_chunk / q_row
-  const float* k;  // [C, Lv, ...] through kv_chunk / kv_row (keys and values may share rows)
-  const float* v;
-  float* out;      // [C, La, num_heads * head_dim] through out_chunk / out_row
+  const void* q;  // [C, La, num_heads * head_dim] through q_chunk / q_row, element type elem
+  const void* k;  // [C, Lv, ...] through kv_chunk / kv_row (keys and values may share rows), elem
+  const void* v;
+  Elem elem;      // of q, k and v (fp32, bf16 or fp16; read as fp32, exactly)
+  float* out;     // fp32 [C, La, num_heads * head_dim] through out_chunk / out_row
   int64_t q_chunk, q_row, kv_chunk, kv_row, out_chunk, out_row;
   const uint8_t* key_padding;  // [C, Lv] contiguous, nonzero = padding (ignored), or nullptr
   int64_t num_chunks, num_queries, num_keys, num_heads, head_dim;

@@ -38,7 +38,8 @@ struct VecAvx512 {
   static double dhsum(dreg v) { return _mm512_reduce_add_pd(v); }
 };
 
-// ---- The selector's chunk attention (ChunkAttentionProblem), fp32, one (chunk, head) item at a time.
+// ---- The selector's chunk attention (ChunkAttentionProblem), one (chunk, head) item at a time, in fp32
+// (bf16/fp16 inputs are widened, exactly, as they are read: no widened copy of the projections).
 //
 // Scores are computed transposed, St[j][i] = <k_j, scale * q_i>, keys as rows and a tile of up to 64
 // queries as the 4 vector lanes groups: the keys' elements are broadcast straight from their rows,
@@ -74,8 +75,9 @@ inline v16 vexp_nonpositive(v16 x) {
 }
 
 // St[r][0:16 Z] = sum_d k[r][d] qt[d][0:16 Z] for the R key rows at k (row stride ks).
-template <int R, int Z>
-inline void attention_scores_block(const float* k, int64_t ks, const float* qt, int64_t hd, float* st) {
+template <int R, int Z, Elem E>
+inline void attention_scores_block(const typename ElemType<E>::type* k, int64_t ks, const float* qt, int64_t hd,
+                                   float* st) {
   v16 acc[R][Z];
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < Z; ++t) acc[r][t] = vset(0.0f);
@@ -83,7 +85,7 @@ inline void attention_scores_block(const float* k, int64_t ks, const float* qt, 
     v16 b[Z];
     for (int t = 0; t < Z; ++t) b[t] = vload(qt + d * 64 + 16 * t);
     for (int r = 0; r < R; ++r) {
-      const v16 a = vset(k[r * ks + d]);
+      const v16 a = vset(to_f32<E>(k[r * ks + d]));
       for (int t = 0; t < Z; ++t) acc[r][t] += a * b[t];
     }
   }
@@ -91,18 +93,19 @@ inline void attention_scores_block(const float* k, int64_t ks, const float* qt, 
     for (int t = 0; t < Z; ++t) vstore(st + r * 64 + 16 * t, acc[r][t]);
 }
 
-template <int Z>
-void attention_scores(const float* k, int64_t ks, const float* qt, int64_t hd, float* st, int64_t n_keys) {
+template <int Z, Elem E>
+void attention_scores(const typename ElemType<E>::type* k, int64_t ks, const float* qt, int64_t hd, float* st,
+                      int64_t n_keys) {
   int64_t j = 0;
-  for (; j + 6 <= n_keys; j += 6) attention_scores_block<6, Z>(k + j * ks, ks, qt, hd, st + j * 64);
-  const float* kr = k + j * ks;
+  for (; j + 6 <= n_keys; j += 6) attention_scores_block<6, Z, E>(k + j * ks, ks, qt, hd, st + j * 64);
+  const auto* kr = k + j * ks;
   float* sr = st + j * 64;
   switch (n_keys - j) {
-    case 5: attention_scores_block<5, Z>(kr, ks, qt, hd, sr); break;
-    case 4: attention_scores_block<4, Z>(kr, ks, qt, hd, sr); break;
-    case 3: attention_scores_block<3, Z>(kr, ks, qt, hd, sr); break;
-    case 2: attention_scores_block<2, Z>(kr, ks, qt, hd, sr); break;
-    case 1: attention_scores_block<1, Z>(kr, ks, qt, hd, sr); break;
+    case 5: attention_scores_block<5, Z, E>(kr, ks, qt, hd, sr); break;
+    case 4: attention_scores_block<4, Z, E>(kr, ks, qt, hd, sr); break;
+    case 3: attention_scores_block<3, Z, E>(kr, ks, qt, hd, sr); break;
+    case 2: attention_scores_block<2, Z, E>(kr, ks, qt, hd, sr); break;
+    case 1: attention_scores_block<1, Z, E>(kr, ks, qt, hd, sr); break;
     default: break;
   }
 }
@@ -114,9 +117,9 @@ void attention_scores(const float* k, int64_t ks, const float* qt, int64_t hd, f
 // come with large frames).
 constexpr int64_t kKeyBlock = 128;
 
-template <int R, int H>
-inline void attention_values_block(const float* v, int64_t vs, const float* pt, int64_t n_keys, const float* inv,
-                                   float* out, int64_t os) {
+template <int R, int H, Elem E>
+inline void attention_values_block(const typename ElemType<E>::type* v, int64_t vs, const float* pt, int64_t n_keys,
+                                   const float* inv, float* out, int64_t os) {
   v16 total[R][H];
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < H; ++t) total[r][t] = vset(0.0f);
@@ -127,7 +130,7 @@ inline void attention_values_block(const float* v, int64_t vs, const float* pt, 
       for (int t = 0; t < H; ++t) acc[r][t] = vset(0.0f);
     for (int64_t j = j0; j < j1; ++j) {
       v16 b[H];
-      for (int t = 0; t < H; ++t) b[t] = vload(v + j * vs + 16 * t);
+      for (int t = 0; t < H; ++t) b[t] = v16(VecAvx512::load<E>(v + j * vs + 16 * t));
       for (int r = 0; r < R; ++r) {
         const v16 a = vset(pt[j * 64 + r]);
         for (int t = 0; t < H; ++t) acc[r][t] += a * b[t];
@@ -140,50 +143,54 @@ inline void attention_values_block(const float* v, int64_t vs, const float* pt, 
     for (int t = 0; t < H; ++t) vstore(out + r * os + 16 * t, total[r][t] * inv[r]);
 }
 
-template <int H>
-void attention_values(const float* v, int64_t vs, const float* pt, int64_t n_keys, const float* inv, float* out,
-                      int64_t os, int64_t n_queries) {
+template <int H, Elem E>
+void attention_values(const typename ElemType<E>::type* v, int64_t vs, const float* pt, int64_t n_keys,
+                      const float* inv, float* out, int64_t os, int64_t n_queries) {
   int64_t r = 0;
-  for (; r + 6 <= n_queries; r += 6) attention_values_block<6, H>(v, vs, pt + r, n_keys, inv + r, out + r * os, os);
+  for (; r + 6 <= n_queries; r += 6) {
+    attention_values_block<6, H, E>(v, vs, pt + r, n_keys, inv + r, out + r * os, os);
+  }
   const float* p = pt + r;
   const float* iv = inv + r;
   float* o = out + r * os;
   switch (n_queries - r) {
-    case 5: attention_values_block<5, H>(v, vs, p, n_keys, iv, o, os); break;
-    case 4: attention_values_block<4, H>(v, vs, p, n_keys, iv, o, os); break;
-    case 3: attention_values_block<3, H>(v, vs, p, n_keys, iv, o, os); break;
-    case 2: attention_values_block<2, H>(v, vs, p, n_keys, iv, o, os); break;
-    case 1: attention_values_block<1, H>(v, vs, p, n_keys, iv, o, os); break;
+    case 5: attention_values_block<5, H, E>(v, vs, p, n_keys, iv, o, os); break;
+    case 4: attention_values_block<4, H, E>(v, vs, p, n_keys, iv, o, os); break;
+    case 3: attention_values_block<3, H, E>(v, vs, p, n_keys, iv, o, os); break;
+    case 2: attention_values_block<2, H, E>(v, vs, p, n_keys, iv, o, os); break;
+    case 1: attention_values_block<1, H, E>(v, vs, p, n_keys, iv, o, os); break;
     default: break;
   }
 }
 
 // head_dim must be 16, 32, 48 or 64 (the caller checks).
-void chunk_attention_avx512(const ChunkAttentionProblem& p, int64_t item0, int64_t item1, float* scratch) {
+template <Elem E>
+void chunk_attention_typed(const ChunkAttentionProblem& p, int64_t item0, int64_t item1, float* scratch) {
+  using T = typename ElemType<E>::type;
   const int64_t hd = p.head_dim, Lv = p.num_keys, La = p.num_queries;
   float* qt = scratch;               // [hd][64]
   float* st = qt + hd * 64;          // [Lv][64]
   float* inv = st + Lv * 64;         // [64]
   for (int64_t item = item0; item < item1; ++item) {
     const int64_t c = item / p.num_heads, h = item % p.num_heads;
-    const float* k = p.k + c * p.kv_chunk + h * hd;
-    const float* v = p.v + c * p.kv_chunk + h * hd;
+    const T* k = static_cast<const T*>(p.k) + c * p.kv_chunk + h * hd;
+    const T* v = static_cast<const T*>(p.v) + c * p.kv_chunk + h * hd;
     const uint8_t* pad = p.key_padding ? p.key_padding + c * Lv : nullptr;
     for (int64_t i0 = 0; i0 < La; i0 += 64) {
       const int64_t n_q = La - i0 < 64 ? La - i0 : 64, Z = (n_q + 15) / 16;
-      const float* q = p.q + c * p.q_chunk + i0 * p.q_row + h * hd;
+      const T* q = static_cast<const T*>(p.q) + c * p.q_chunk + i0 * p.q_row + h * hd;
       for (int64_t i = 0; i < Z * 16; ++i) {
         if (i < n_q) {
-          for (int64_t d = 0; d < hd; ++d) qt[d * 64 + i] = q[i * p.q_row + d] * p.scale;
+          for (int64_t d = 0; d < hd; ++d) qt[d * 64 + i] = to_f32<E>(q[i * p.q_row + d]) * p.scale;
         } else {
           for (int64_t d = 0; d < hd; ++d) qt[d * 64 + i] = 0.0f;
         }
       }
       switch (Z) {
-        case 4: attention_scores<4>(k, p.kv_row, qt, hd, st, Lv); break;
-        case 3: attention_scores<3>(k, p.kv_row, qt, hd, st, Lv); break;
-        case 2: attention_scores<2>(k, p.kv_row, qt, hd, st, Lv); break;
-        default: attention_scores<1>(k, p.kv_row, qt, hd, st, Lv); break;
+        case 4: attention_scores<4, E>(k, p.kv_row, qt, hd, st, Lv); break;
+        case 3: attention_scores<3, E>(k, p.kv_row, qt, hd, st, Lv); break;
+        case 2: attention_scores<2, E>(k, p.kv_row, qt, hd, st, Lv); break;
+        default: attention_scores<1, E>(k, p.kv_row, qt, hd, st, Lv); break;
       }
       // Softmax down each column: max over the real keys, then exp in place (0 on padding) and sums.
       for (int64_t t = 0; t < Z; ++t) {
@@ -211,12 +218,20 @@ void chunk_attention_avx512(const ChunkAttentionProblem& p, int64_t item0, int64
       }
       float* out = p.out + c * p.out_chunk + i0 * p.out_row + h * hd;
       switch (hd / 16) {
-        case 4: attention_values<4>(v, p.kv_row, st, Lv, inv, out, p.out_row, n_q); break;
-        case 3: attention_values<3>(v, p.kv_row, st, Lv, inv, out, p.out_row, n_q); break;
-        case 2: attention_values<2>(v, p.kv_row, st, Lv, inv, out, p.out_row, n_q); break;
-        default: attention_values<1>(v, p.kv_row, st, Lv, inv, out, p.out_row, n_q); break;
+        case 4: attention_values<4, E>(v, p.kv_row, st, Lv, inv, out, p.out_row, n_q); break;
+        case 3: attention_values<3, E>(v, p.kv_row, st, Lv, inv, out, p.out_row, n_q); break;
+        case 2: attention_values<2, E>(v, p.kv_row, st, Lv, inv, out, p.out_row, n_q); break;
+        default: attention_values<1, E>(v, p.kv_row, st, Lv, inv, out, p.out_row, n_q); break;
       }
     }
+  }
+}
+
+void chunk_attention_avx512(const ChunkAttentionProblem& p, int64_t item0, int64_t item1, float* scratch) {
+  switch (p.elem) {
+    case Elem::F32: chunk_attention_typed<Elem::F32>(p, item0, item1, scratch); break;
+    case Elem::BF16: chunk_attention_typed<Elem::BF16>(p, item0, item1, scratch); break;
+    case Elem::F16: chunk_attention_typed<Elem::F16>(p, item0, item1, scratch); break;
   }
 }
 

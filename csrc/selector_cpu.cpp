@@ -1,13 +1,14 @@
 // CPU kernel of the selector's batched cross attention (the op `omnisift::chunk_attention_cpu`).
 //
 //   chunk_attention_cpu(q [C, La, E], k [C, Lv, E], v [C, Lv, E], key_padding bool [C, Lv] or None,
-//                       int num_heads) -> fp32 [C, La, E]
+//                       int num_heads) -> fp32 [C, La, E]   (q, k, v: one dtype, fp32, bf16 or fp16)
 //
 // Per chunk c and head h (head_dim = E / num_heads, the h-th slice of width head_dim of every row):
 // scaled dot-product attention of the chunk's queries to its keys, scale 1 / sqrt(head_dim), keys
 // where key_padding is True left out; what F.scaled_dot_product_attention computes on
 // [C, num_heads, L, head_dim] views with a -inf mask on the padding, with fp32 accumulation in a
-// different order (results agree to fp32 rounding). fp32 tensors whose last dimension is contiguous
+// different order (results agree to fp32 rounding; bf16/fp16 inputs are widened exactly as they are read,
+// the output stays fp32 for the caller to round). Tensors whose last dimension is contiguous
 // (views such as the key and value halves of one projection are read in place); head_dim 16, 32, 48 or
 // 64; every chunk needs at least one real key. The kernel is the AVX-512 build's (cpu_simd_avx512.cpp):
 // `chunk_attention_cpu_available()` says whether this process has it (an AVX-512 CPU and no
@@ -32,9 +33,12 @@ at::Tensor chunk_attention_cpu(const at::Tensor& q, const at::Tensor& k, const a
   const auto kernel = cpu_loops().chunk_attention;
   TORCH_CHECK(kernel != nullptr, "chunk_attention_cpu: needs the AVX-512 CPU kernels, this process uses '",
               cpu_loops().isa, "' (check chunk_attention_cpu_available() first)");
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+                   "chunk_attention_cpu: q, k and v must be float32, bfloat16 or float16, got ", dtype);
   for (const auto* t : {&q, &k, &v}) {
-    TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat, "chunk_attention_cpu: q, k and v must be float32, got ",
-                     t->scalar_type());
+    TORCH_CHECK_TYPE(t->scalar_type() == dtype, "chunk_attention_cpu: q, k and v must have one dtype, got ",
+                     q.scalar_type(), ", ", k.scalar_type(), " and ", v.scalar_type());
     TORCH_CHECK_VALUE(t->device().is_cpu() && t->dim() == 3 && t->stride(2) == 1,
                       "chunk_attention_cpu: q, k and v must be CPU tensors [C, L, E] with a contiguous last "
                       "dimension, got ", t->sizes(), " strides ", t->strides());
@@ -65,11 +69,14 @@ at::Tensor chunk_attention_cpu(const at::Tensor& q, const at::Tensor& k, const a
       TORCH_CHECK_VALUE(real > 0, "chunk_attention_cpu: chunk ", c, " has no real key (every key is padding)");
     }
   }
-  at::Tensor out = at::empty({C, La, E}, q.options());
+  at::Tensor out = at::empty({C, La, E}, q.options().dtype(at::kFloat));
   if (C * La == 0) return out;
-  simd::ChunkAttentionProblem p{q.const_data_ptr<float>(),
-                                k.const_data_ptr<float>(),
-                                v.const_data_ptr<float>(),
+  const simd::Elem elem = dtype == at::kFloat ? simd::Elem::F32 : dtype == at::kBFloat16 ? simd::Elem::BF16
+                                                                                          : simd::Elem::F16;
+  simd::ChunkAttentionProblem p{q.const_data_ptr(),
+                                k.const_data_ptr(),
+                                v.const_data_ptr(),
+                                elem,
                                 out.data_ptr<float>(),
                                 q.stride(0),
                                 q.stride(1),

@@ -8,8 +8,8 @@ projection's rows: 1.4-1.9 ms on the Zen 4 VM at that shape (``[10, 50, 512]`` q
 512]`` keys and values, 8 heads), within fp32 rounding of ``scaled_dot_product_attention``.
 
 It serves inference calls on CPUs where the extension runs its AVX-512 loops, with head_dim 16, 32,
-48 or 64: fp32 directly, bf16/fp16 widened to fp32 and the output rounded back (3.7 ms of ATen's bf16
-attention at omni7b-20s against about 2 ms); everything else (autograd, ``torch.compile`` tracing,
+48 or 64: fp32, and bf16/fp16 read in place and widened to fp32 in registers, the output rounded back
+(3.7 ms of ATen's bf16 attention at omni7b-20s against about 2 ms); everything else (autograd, ``torch.compile`` tracing,
 other CPUs) goes to :func:`omnisift_kernels.selector.heads_attention`.
 
 Environment (read at each call): ``OMNISIFT_CPU_ATTENTION``: ``auto`` (default: the kernel where
@@ -71,9 +71,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding: to
     """
     if not kernel_serves(q, k, v, num_heads):
         return heads_attention(q, k, v, key_padding, num_heads)
-    if q.dtype == torch.float32:
-        return torch.ops.omnisift.chunk_attention_cpu(q, k, v, key_padding, num_heads)
-    # Half precision: widened to fp32 (exact), computed in fp32 and rounded once, as ATen's half
-    # precision attention accumulates in fp32 and rounds its output.
-    out = torch.ops.omnisift.chunk_attention_cpu(q.float(), k.float(), v.float(), key_padding, num_heads)
-    return out.to(q.dtype)
+    # fp32 output; half precision inputs are widened (exactly) as the kernel reads them, computed in
+    # fp32 and rounded once, as ATen's half precision attention accumulates in fp32 and rounds its output.
+    out = torch.ops.omnisift.chunk_attention_cpu(q, k, v, key_padding, num_heads)
+    return out if q.dtype == torch.float32 else out.to(q.dtype)

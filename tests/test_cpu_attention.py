@@ -100,6 +100,13 @@ def test_half_precision_inputs_are_widened(dtype):
     assert got.dtype == dtype
     atol, rtol = tolerance(dtype, "native")
     torch.testing.assert_close(got.float(), heads_attention(q, k, v, mask, 8).float(), atol=atol, rtol=rtol)
+    # The kernel reads the half precision rows in place and widens them exactly: its fp32 output is
+    # what it computes from fp32 copies (the same operations on the same values), bit for bit.
+    op = torch.ops.omnisift.chunk_attention_cpu
+    native = op(q, k, v, mask, 8)
+    assert native.dtype == torch.float32
+    assert torch.equal(native, op(q.float(), k.float(), v.float(), mask, 8))
+    assert torch.equal(got, native.to(dtype))
 
 
 @needs_kernel
@@ -112,8 +119,10 @@ def test_kernel_errors():
         op(q, k, v, None, 1)  # head_dim 128
     with pytest.raises(ValueError, match="num_heads must divide"):
         op(q, k, v, None, 3)
-    with pytest.raises(TypeError, match="float32"):
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
         op(q.double(), k, v, None, 2)
+    with pytest.raises(TypeError, match="one dtype"):
+        op(q, k.bfloat16(), v.bfloat16(), None, 2)
     with pytest.raises(ValueError, match="key_padding must be bool"):
         op(q, k, v, torch.zeros(2, 5, dtype=torch.bool), 2)
     with pytest.raises(ValueError, match="same strides"):
