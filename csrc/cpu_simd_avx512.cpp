@@ -74,6 +74,17 @@ inline v16 vexp_nonpositive(v16 x) {
   return v16(_mm512_castsi512_ps(__m512i(bits)));
 }
 
+// One element as fp32, exactly (fp16 through the F16C instruction rather than the portable bit
+// manipulation: it sits in the score blocks' inner loop).
+template <Elem E>
+inline float scalar_f32(typename ElemType<E>::type x) {
+  if constexpr (E == Elem::F16) {
+    return _cvtsh_ss(x);
+  } else {
+    return to_f32<E>(x);
+  }
+}
+
 // St[r][0:16 Z] = sum_d k[r][d] qt[d][0:16 Z] for the R key rows at k (row stride ks).
 template <int R, int Z, Elem E>
 inline void attention_scores_block(const typename ElemType<E>::type* k, int64_t ks, const float* qt, int64_t hd,
@@ -85,7 +96,7 @@ inline void attention_scores_block(const typename ElemType<E>::type* k, int64_t 
     v16 b[Z];
     for (int t = 0; t < Z; ++t) b[t] = vload(qt + d * 64 + 16 * t);
     for (int r = 0; r < R; ++r) {
-      const v16 a = vset(to_f32<E>(k[r * ks + d]));
+      const v16 a = vset(scalar_f32<E>(k[r * ks + d]));
       for (int t = 0; t < Z; ++t) acc[r][t] += a * b[t];
     }
   }
@@ -181,7 +192,7 @@ void chunk_attention_typed(const ChunkAttentionProblem& p, int64_t item0, int64_
       const T* q = static_cast<const T*>(p.q) + c * p.q_chunk + i0 * p.q_row + h * hd;
       for (int64_t i = 0; i < Z * 16; ++i) {
         if (i < n_q) {
-          for (int64_t d = 0; d < hd; ++d) qt[d * 64 + i] = to_f32<E>(q[i * p.q_row + d]) * p.scale;
+          for (int64_t d = 0; d < hd; ++d) qt[d * 64 + i] = scalar_f32<E>(q[i * p.q_row + d]) * p.scale;
         } else {
           for (int64_t d = 0; d < hd; ++d) qt[d * 64 + i] = 0.0f;
         }
