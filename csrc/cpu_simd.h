@@ -51,7 +51,8 @@ struct VideoScoresScratch {
 // chunk c and head h, query i attends to every key j of the same chunk that is not padding:
 //   out[c, i, h] = sum_j softmax_j(scale * <q[c, i, h], k[c, j, h]>) v[c, j, h]
 // where x[c, i, h] is the head_dim-wide slice starting at element h * head_dim of row i of chunk c.
-// fp32 throughout; strides in elements. Work items are (chunk, head) pairs, item = c * num_heads + h.
+// Computed in fp32 (inputs of elem type widened exactly); strides in elements. Work items are (chunk, head)
+// pairs, item = c * num_heads + h.
 struct ChunkAttentionProblem {
   const void* q;  // [C, La, num_heads * head_dim] through q_chunk / q_row, element type elem
   const void* k;  // [C, Lv, ...] through kv_chunk / kv_row (keys and values may share rows), elem
