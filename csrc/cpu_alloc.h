@@ -9,11 +9,11 @@
 // omni7b-20s bf16 (14 and 17 MB) faulted about 7,500 pages per call, 8-12 ms of a 45 ms call.
 //
 // So blocks of 256 KiB or more come from a cache of freed blocks, as CUDA's caching allocator does on
-// the GPU: a block is reused for a request of at least half its size, so a steady stream of calls faults
-// nothing. (The floor was 1 MiB until the selector's 1,024,000-byte intermediates at omni7b-20s, just
-// under it, were seen faulting about 180 pages per call each: ~475 faults per call in all, a third of
-// them in layer norms' outputs.) Two users: the kernels' outputs (empty_cpu_output, always), and torch's CPU allocator while a
-// cpu_allocator_scope is open (the Python fast path opens one around each CPU call, so that its GEMM
+// the GPU: a block is reused for a request of at least half its size, so a steady stream of calls
+// faults nothing. (The floor was 1 MiB until the selector's 1,024,000-byte intermediates at
+// omni7b-20s, just under it, were seen faulting about 180 pages per call each: ~475 faults per call in
+// all, a third of them in layer norms' outputs.) Two users: the kernels' outputs (empty_cpu_output,
+// always), and torch's CPU allocator while a cpu_allocator_scope is open (the Python fast path opens one around each CPU call, so that its GEMM
 // outputs and other intermediates reuse blocks too; smaller blocks are then plain posix_memalign).
 // A freed block is kept while the cache holds at most OMNISIFT_CPU_OUTPUT_CACHE_MB (default 256; the
 // oldest blocks are freed to make room; 0 turns the cache off); release_cpu_output_cache() frees every

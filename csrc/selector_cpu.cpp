@@ -24,6 +24,10 @@
 #include "cpu_simd.h"
 
 namespace omnisift {
+
+// The inner loops' element type of fp32/bf16/fp16 (defined in video_scores_cpu.cpp).
+simd::Elem elem_of(c10::ScalarType t);
+
 namespace {
 
 bool chunk_attention_cpu_available() { return cpu_loops().chunk_attention != nullptr; }
@@ -71,12 +75,10 @@ at::Tensor chunk_attention_cpu(const at::Tensor& q, const at::Tensor& k, const a
   }
   at::Tensor out = at::empty({C, La, E}, q.options().dtype(at::kFloat));
   if (C * La == 0) return out;
-  const simd::Elem elem = dtype == at::kFloat ? simd::Elem::F32 : dtype == at::kBFloat16 ? simd::Elem::BF16
-                                                                                          : simd::Elem::F16;
   simd::ChunkAttentionProblem p{q.const_data_ptr(),
                                 k.const_data_ptr(),
                                 v.const_data_ptr(),
-                                elem,
+                                elem_of(dtype),
                                 out.data_ptr<float>(),
                                 q.stride(0),
                                 q.stride(1),

@@ -68,8 +68,8 @@ const simd::Loops& cpu_loops() {
   return *simd::loops_base();
 }
 
-namespace {
-
+// The inner loops' element type of a dtype (fp32, bf16, fp16; a TypeError for any other). Also used
+// by selector_cpu.cpp.
 simd::Elem elem_of(c10::ScalarType t) {
   switch (t) {
     case at::kFloat:
@@ -82,6 +82,8 @@ simd::Elem elem_of(c10::ScalarType t) {
       TORCH_CHECK_TYPE(false, "omnisift: no CPU inner loop for dtype ", t);
   }
 }
+
+namespace {
 
 // fp32/bf16/fp16: the unit schedule (see the top of the file).
 void video_scores_units(const at::Tensor& x, const at::Tensor& token_index, const at::Tensor& seg_offsets,

@@ -8,9 +8,9 @@ projection's rows: 1.4-1.9 ms on the Zen 4 VM at that shape (``[10, 50, 512]`` q
 512]`` keys and values, 8 heads), within fp32 rounding of ``scaled_dot_product_attention``.
 
 It serves inference calls on CPUs where the extension runs its AVX-512 loops, with head_dim 16, 32,
-48 or 64: fp32, and bf16/fp16 read in place and widened to fp32 in registers, the output rounded back
-(3.7 ms of ATen's bf16 attention at omni7b-20s against about 2 ms); everything else (autograd, ``torch.compile`` tracing,
-other CPUs) goes to :func:`omnisift_kernels.selector.heads_attention`.
+48 or 64: fp32, and bf16/fp16 read in place and widened to fp32 in registers, the output rounded
+back (3.7 ms of ATen's bf16 attention at omni7b-20s against about 2 ms); everything else (autograd,
+``torch.compile`` tracing, other CPUs) goes to :func:`omnisift_kernels.selector.heads_attention`.
 
 Environment (read at each call): ``OMNISIFT_CPU_ATTENTION``: ``auto`` (default: the kernel where
 it serves) or ``sdpa`` (always ``scaled_dot_product_attention``).

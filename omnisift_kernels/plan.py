@@ -22,7 +22,6 @@ import dataclasses
 import torch
 
 from ._ext import ext_has_kernel
-
 from .layout import SECONDS_PER_CHUNK, TOKENS_PER_SECOND, Audio, Image, Item, Text, Video, row_length
 
 ROW_SHIFT = 40  # (row << 40) | time id: a sortable key while time ids stay below 2**40

@@ -151,9 +151,9 @@ def test_timing_pauses_the_garbage_collector():
     assert seen == [True, False, False, False, True, False, False] and gc.isenabled()
 
 
-def _row(op, provider, workload, dtype, median, preset="paper-35"):
+def _row(op, provider, workload, dtype, median, preset="paper-35", loop_ms=None):
     return dict(op=op, provider=provider, workload=workload, dtype=dtype, preset=preset, status="ok",
-                median_ms=median)
+                median_ms=median, speedup_vs_release=None if loop_ms is None else loop_ms / median)
 
 
 def test_target_lines_report_met_and_missed():
@@ -162,11 +162,11 @@ def test_target_lines_report_met_and_missed():
     rows = [
         _row("end_to_end", "release-loop", "omni7b-20s", "fp32", 150.0),
         _row("end_to_end", "reference", "omni7b-20s", "fp32", 200.0),
-        _row("end_to_end", "cpu", "omni7b-20s", "fp32", 70.0),
+        _row("end_to_end", "cpu", "omni7b-20s", "fp32", 70.0, loop_ms=150.0),
         _row("selector-projections floor", "torch F.linear x2", "omni7b-20s", "fp32", 55.0),
         _row("selector-projections floor", "cpu_gemm x2 (onednn, half native)", "omni7b-20s", "fp32", 42.0),
         _row("end_to_end", "release-loop", "omni7b-20s", "bf16", 70.0),
-        _row("end_to_end", "cpu", "omni7b-20s", "bf16", 40.0),
+        _row("end_to_end", "cpu", "omni7b-20s", "bf16", 40.0, loop_ms=70.0),
         _row("end_to_end", "cpu", "omni7b-20s", "bf16", 1.0, preset="paper-25"),  # another preset: ignored
     ]
     lines = target_lines(rows, "cpu")
@@ -176,7 +176,7 @@ def test_target_lines_report_met_and_missed():
     assert "2.86x the reference (200 ms; target > 1x: met)" in fp32
     assert "projections floor 42.0 ms (cpu path = 1.67x the floor)" in fp32  # the library's GEMM row
     assert "1.75x the release-style loop (70.0 ms; target >= 2x: NOT met)" in bf16
-    gpu = target_lines([_row("end_to_end", "triton", "omni7b-20s", "bf16", 0.25),
+    gpu = target_lines([_row("end_to_end", "triton", "omni7b-20s", "bf16", 0.25, loop_ms=10.0),
                         _row("end_to_end", "release-loop", "omni7b-20s", "bf16", 10.0)], "cuda")
     assert "target <= 0.3 ms: met" in gpu[0] and "40.00x the release-style loop" in gpu[0] and "NOT met" in gpu[0]
     assert "omni7b-120s" in gpu[1] and "not measured in this run" in gpu[1]
