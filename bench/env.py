@@ -77,8 +77,16 @@ def cpu_choices() -> str:
     except Exception as exc:
         gemm = f"cpu gemm unknown ({type(exc).__name__})"
     hp = os.environ.get("OMNISIFT_CPU_HUGEPAGES", "1") not in ("0", "false", "off")  # as csrc/cpu_alloc.h
-    mb = os.environ.get("OMNISIFT_CPU_OUTPUT_CACHE_MB", "").strip() or "256"
-    cache = f"{mb} MiB" if mb.isdigit() and int(mb) > 0 else "off"
+    try:  # the limit in force (csrc/cpu_alloc.h: the variable, else 1/16 of the memory, >= 256 MiB)
+        from omnisift_kernels._ext import EXT_AVAILABLE
+
+        if EXT_AVAILABLE:
+            limit = torch.ops.omnisift.cpu_output_cache_limit()
+            cache = f"{limit >> 20} MiB" if limit > 0 else "off"
+        else:
+            cache = "none (no extension)"
+    except (AttributeError, RuntimeError):
+        cache = "unavailable"
     return f"{gemm} | block cache {cache} | hugepages {'on' if hp else 'off'}"
 
 

@@ -15,9 +15,12 @@
 // all, a third of them in layer norms' outputs.) Two users: the kernels' outputs (empty_cpu_output,
 // always), and torch's CPU allocator while a cpu_allocator_scope is open (the Python fast path opens one around each CPU call, so that its GEMM
 // outputs and other intermediates reuse blocks too; smaller blocks are then plain posix_memalign).
-// A freed block is kept while the cache holds at most OMNISIFT_CPU_OUTPUT_CACHE_MB (default 256; the
-// oldest blocks are freed to make room; 0 turns the cache off); release_cpu_output_cache() frees every
-// cached block. A new block of 32 MiB or more gets 2 MiB pages (posix_memalign 2 MiB + MADV_HUGEPAGE;
+// A freed block is kept while the cache holds at most OMNISIFT_CPU_OUTPUT_CACHE_MB (default: 1/16 of
+// the physical memory, at least 256 MiB; the oldest blocks are freed to make room; 0 turns the cache
+// off); release_cpu_output_cache() frees every cached block. (The default was a flat 256 MiB until a
+// 300-second clip, whose survivors and packed output are ~0.4-0.5 GB each, was seen freeing both and
+// mapping them anew every call: on the Zen 5 VM a third of its calls then spent 0.7-1.0 s in the kernel
+// faulting them back in, 930-1,260 ms against 500-560 ms; with 1.47 GB, 1/16 of that VM, none does.) A new block of 32 MiB or more gets 2 MiB pages (posix_memalign 2 MiB + MADV_HUGEPAGE;
 // OMNISIFT_CPU_HUGEPAGES=0 turns that off; smaller blocks with 2 MiB pages measured slower, so they
 // are plain). A block's bytes are not cleared for reuse (allocators never clear).
 //
@@ -30,6 +33,7 @@
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/Storage.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -38,6 +42,9 @@
 
 #if defined(__linux__)
 #include <sys/mman.h>
+#endif
+#if defined(__unix__) || defined(__APPLE__)
+#include <unistd.h>
 #endif
 #if defined(__GLIBC__)
 #include <malloc.h>
@@ -54,10 +61,26 @@ inline bool env_flag_off(const char* v) {
 
 inline bool cpu_hugepage_outputs_enabled() { return !env_flag_off(std::getenv("OMNISIFT_CPU_HUGEPAGES")); }
 
-// Bytes the output cache may hold: OMNISIFT_CPU_OUTPUT_CACHE_MB (default 256; 0 turns the cache off).
+// The output cache's limit when OMNISIFT_CPU_OUTPUT_CACHE_MB is unset: 1/16 of the physical memory,
+// at least 256 MiB (computed once).
+inline size_t default_cpu_output_cache_limit() {
+  static const size_t limit = [] {
+    const size_t floor = size_t(256) << 20;
+#if defined(__unix__) || defined(__APPLE__)
+    const long pages = sysconf(_SC_PHYS_PAGES);
+    const long page_size = sysconf(_SC_PAGE_SIZE);
+    if (pages > 0 && page_size > 0) return std::max(floor, static_cast<size_t>(pages) * static_cast<size_t>(page_size) / 16);
+#endif
+    return floor;
+  }();
+  return limit;
+}
+
+// Bytes the output cache may hold: OMNISIFT_CPU_OUTPUT_CACHE_MB (default: the above; 0 turns the cache
+// off).
 inline size_t cpu_output_cache_limit() {
   const char* v = std::getenv("OMNISIFT_CPU_OUTPUT_CACHE_MB");
-  if (v == nullptr || *v == '\0') return size_t(256) << 20;
+  if (v == nullptr || *v == '\0') return default_cpu_output_cache_limit();
   char* end = nullptr;
   const long long mb = std::strtoll(v, &end, 10);
   if (end == v || *end != '\0' || mb <= 0) return 0;  // 0, negative or not a number: off
@@ -246,6 +269,9 @@ inline int64_t release_cpu_output_cache() {
   }
   return bytes;
 }
+
+// The bytes the cache may hold now (0: off).
+inline int64_t cpu_output_cache_limit_bytes() { return static_cast<int64_t>(cpu_output_cache_limit()); }
 
 // Bytes held by the cache now.
 inline int64_t cpu_output_cache_bytes() {

@@ -12,8 +12,9 @@
 //       out.view(B*L, D)[indices[t]] = packed[t]; other rows = fill; indices outside [0, B*L) skipped.
 //   varlen_gather(src [N, D], indices int64 [T]) -> [T, D]
 //       out[t] = src[indices[t]]; indices outside [0, N) give zero rows.
-//   cpu_output_cache_bytes() -> int, release_cpu_output_cache() -> int
-//       the cache of freed CPU outputs of 256 KiB or more (cpu_alloc.h): bytes held; free them all.
+//   cpu_output_cache_bytes() -> int, cpu_output_cache_limit() -> int, release_cpu_output_cache() -> int
+//       the cache of freed CPU outputs of 256 KiB or more (cpu_alloc.h): bytes held; bytes it may hold;
+//       free them all.
 
 #include "varlen.h"
 
@@ -254,8 +255,10 @@ TORCH_LIBRARY(omnisift, m) {
       "Tensor labels_out)");
   m.def("varlen_scatter(Tensor packed, Tensor indices, int batch, int seqlen, Scalar fill=0) -> Tensor");
   m.def("varlen_gather(Tensor src, Tensor indices) -> Tensor");
-  // The cache of freed CPU outputs (cpu_alloc.h): bytes held now; free them all (returns the bytes).
+  // The cache of freed CPU outputs (cpu_alloc.h): bytes held now; bytes it may hold (0: off); free them
+  // all (returns the bytes).
   m.def("cpu_output_cache_bytes() -> int", &omnisift::cpu_output_cache_bytes);
+  m.def("cpu_output_cache_limit() -> int", &omnisift::cpu_output_cache_limit_bytes);
   m.def("release_cpu_output_cache() -> int", &omnisift::release_cpu_output_cache);
   // Opens/closes a scope in which torch's CPU allocator takes blocks of 256 KiB or more from that cache.
   m.def("cpu_allocator_scope(bool enter) -> bool", &omnisift::cpu_allocator_scope);

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -227,6 +229,18 @@ def test_freed_outputs_are_cached_and_reused(empty_output_cache):
     del tiny
     assert _cache_bytes() == held
     assert torch.ops.omnisift.release_cpu_output_cache() == held and _cache_bytes() == 0
+
+
+@needs_gather
+def test_output_cache_default_limit(monkeypatch):
+    """Unset, the limit is 1/16 of the physical memory (at least 256 MiB); the variable overrides it."""
+    monkeypatch.delenv("OMNISIFT_CPU_OUTPUT_CACHE_MB", raising=False)
+    physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert torch.ops.omnisift.cpu_output_cache_limit() == max(256 * MIB, physical // 16)
+    monkeypatch.setenv("OMNISIFT_CPU_OUTPUT_CACHE_MB", "300")
+    assert torch.ops.omnisift.cpu_output_cache_limit() == 300 * MIB
+    monkeypatch.setenv("OMNISIFT_CPU_OUTPUT_CACHE_MB", "off")
+    assert torch.ops.omnisift.cpu_output_cache_limit() == 0
 
 
 @needs_gather
