@@ -77,7 +77,7 @@ def cpu_choices() -> str:
     except Exception as exc:
         gemm = f"cpu gemm unknown ({type(exc).__name__})"
     hp = os.environ.get("OMNISIFT_CPU_HUGEPAGES", "1") not in ("0", "false", "off")  # as csrc/cpu_alloc.h
-    try:  # the limit in force (csrc/cpu_alloc.h: the variable, else 1/16 of the memory, >= 256 MiB)
+    try:  # the limit in force (csrc/cpu_alloc.h: the variable, else 1/16 of the memory)
         from omnisift_kernels._ext import EXT_AVAILABLE
 
         if EXT_AVAILABLE:

@@ -16,7 +16,7 @@
 // always), and torch's CPU allocator while a cpu_allocator_scope is open (the Python fast path opens one around each CPU call, so that its GEMM
 // outputs and other intermediates reuse blocks too; smaller blocks are then plain posix_memalign).
 // A freed block is kept while the cache holds at most OMNISIFT_CPU_OUTPUT_CACHE_MB (default: 1/16 of
-// the physical memory, at least 256 MiB; the oldest blocks are freed to make room; 0 turns the cache
+// the physical memory, at least 256 MiB and at most 4 GiB; the oldest blocks are freed to make room; 0 turns the cache
 // off); release_cpu_output_cache() frees every cached block. (The default was a flat 256 MiB until a
 // 300-second clip, whose survivors and packed output are ~0.4-0.5 GB each, was seen freeing both and
 // mapping them anew every call: on the Zen 5 VM a third of its calls then spent 0.7-1.0 s in the kernel
@@ -62,14 +62,19 @@ inline bool env_flag_off(const char* v) {
 inline bool cpu_hugepage_outputs_enabled() { return !env_flag_off(std::getenv("OMNISIFT_CPU_HUGEPAGES")); }
 
 // The output cache's limit when OMNISIFT_CPU_OUTPUT_CACHE_MB is unset: 1/16 of the physical memory,
-// at least 256 MiB (computed once).
+// clamped to [256 MiB, 4 GiB] (computed once). Cached blocks stay mapped, so a long call's peak RSS
+// also counts intermediates it already freed (300 s clip: 1.31 vs 1.13 GB); the ceiling bounds what a
+// big host keeps mapped between calls.
 inline size_t default_cpu_output_cache_limit() {
   static const size_t limit = [] {
     const size_t floor = size_t(256) << 20;
+    const size_t ceiling = size_t(4) << 30;
 #if defined(__unix__) || defined(__APPLE__)
     const long pages = sysconf(_SC_PHYS_PAGES);
     const long page_size = sysconf(_SC_PAGE_SIZE);
-    if (pages > 0 && page_size > 0) return std::max(floor, static_cast<size_t>(pages) * static_cast<size_t>(page_size) / 16);
+    if (pages > 0 && page_size > 0) {
+      return std::min(ceiling, std::max(floor, static_cast<size_t>(pages) * static_cast<size_t>(page_size) / 16));
+    }
 #endif
     return floor;
   }();

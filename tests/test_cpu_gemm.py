@@ -233,10 +233,10 @@ def test_freed_outputs_are_cached_and_reused(empty_output_cache):
 
 @needs_gather
 def test_output_cache_default_limit(monkeypatch):
-    """Unset, the limit is 1/16 of the physical memory (at least 256 MiB); the variable overrides it."""
+    """Unset, the limit is 1/16 of the physical memory within [256 MiB, 4 GiB]; the variable overrides it."""
     monkeypatch.delenv("OMNISIFT_CPU_OUTPUT_CACHE_MB", raising=False)
     physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    assert torch.ops.omnisift.cpu_output_cache_limit() == max(256 * MIB, physical // 16)
+    assert torch.ops.omnisift.cpu_output_cache_limit() == min(4096 * MIB, max(256 * MIB, physical // 16))
     monkeypatch.setenv("OMNISIFT_CPU_OUTPUT_CACHE_MB", "300")
     assert torch.ops.omnisift.cpu_output_cache_limit() == 300 * MIB
     monkeypatch.setenv("OMNISIFT_CPU_OUTPUT_CACHE_MB", "off")
