@@ -13,15 +13,17 @@
 // faults nothing. (The floor was 1 MiB until the selector's 1,024,000-byte intermediates at
 // omni7b-20s, just under it, were seen faulting about 180 pages per call each: ~475 faults per call in
 // all, a third of them in layer norms' outputs.) Two users: the kernels' outputs (empty_cpu_output,
-// always), and torch's CPU allocator while a cpu_allocator_scope is open (the Python fast path opens one around each CPU call, so that its GEMM
-// outputs and other intermediates reuse blocks too; smaller blocks are then plain posix_memalign).
+// always), and torch's CPU allocator while a cpu_allocator_scope is open (the Python fast path opens
+// one around each CPU call, so that its GEMM outputs and other intermediates reuse blocks too; smaller
+// blocks are then plain posix_memalign).
 // A freed block is kept while the cache holds at most OMNISIFT_CPU_OUTPUT_CACHE_MB (default: 1/16 of
-// the physical memory, at least 256 MiB and at most 4 GiB; the oldest blocks are freed to make room; 0 turns the cache
-// off); release_cpu_output_cache() frees every cached block. (The default was a flat 256 MiB until a
-// 300-second clip, whose survivors and packed output are ~0.4-0.5 GB each, was seen freeing both and
-// mapping them anew every call: on the Zen 5 VM a third of its calls then spent 0.7-1.0 s in the kernel
-// faulting them back in, 930-1,260 ms against 500-560 ms; with 1.47 GB, 1/16 of that VM, none does.) A new block of 32 MiB or more gets 2 MiB pages (posix_memalign 2 MiB + MADV_HUGEPAGE;
-// OMNISIFT_CPU_HUGEPAGES=0 turns that off; smaller blocks with 2 MiB pages measured slower, so they
+// the physical memory, at least 256 MiB and at most 4 GiB; the oldest blocks are freed to make room;
+// 0 turns the cache off); release_cpu_output_cache() frees every cached block. (The default was a
+// flat 256 MiB until a 300-second clip, whose survivors and packed output are ~0.4-0.5 GB each, was
+// seen freeing both and mapping them anew every call: on the Zen 5 VM a third of its calls then spent
+// 0.7-1.0 s in the kernel faulting them back in, 930-1,260 ms against 500-560 ms; with 1.47 GB, 1/16
+// of that VM, none does.) A new block of 32 MiB or more gets 2 MiB pages (posix_memalign 2 MiB +
+// MADV_HUGEPAGE; OMNISIFT_CPU_HUGEPAGES=0 turns that off; smaller blocks with 2 MiB pages measured slower, so they
 // are plain). A block's bytes are not cleared for reuse (allocators never clear).
 //
 // Every block's DataPtr has context == data and the one deleter release_block (a side table holds the
@@ -73,7 +75,8 @@ inline size_t default_cpu_output_cache_limit() {
     const long pages = sysconf(_SC_PHYS_PAGES);
     const long page_size = sysconf(_SC_PAGE_SIZE);
     if (pages > 0 && page_size > 0) {
-      return std::min(ceiling, std::max(floor, static_cast<size_t>(pages) * static_cast<size_t>(page_size) / 16));
+      const size_t physical = static_cast<size_t>(pages) * static_cast<size_t>(page_size);
+      return std::min(ceiling, std::max(floor, physical / 16));
     }
 #endif
     return floor;
