@@ -21,9 +21,7 @@ indexing except the single sizes read of stage 2 when no ``grid`` is given.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import os
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +32,7 @@ from ._validation import all_finite, check_finite, non_finite_error
 from .plan import DevicePlan, PlanSizes, build_plan, read_sizes, sizes_from_grid
 from .result import CompressionResult
 from .selector import VisionGuidedAudioSelector
+from .triton_kernels import triton_on_cpu
 
 
 def compact_indices(mask: torch.Tensor, count: int) -> torch.Tensor:
@@ -323,23 +322,6 @@ def assemble(
     return CompressionResult(inputs_embeds=embeds, position_ids=pos_pad, attention_mask=mask, labels=lab_pad, **common)
 
 
-@contextlib.contextmanager
-def _triton_on_cpu(enabled: bool):
-    """Routes the ops' CPU tensors through the Triton launchers (interpreter) while active."""
-    if not enabled:
-        yield
-        return
-    old = os.environ.get("OMNISIFT_TRITON_ON_CPU")
-    os.environ["OMNISIFT_TRITON_ON_CPU"] = "1"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["OMNISIFT_TRITON_ON_CPU"]
-        else:
-            os.environ["OMNISIFT_TRITON_ON_CPU"] = old
-
-
 def fast_compress(
     inputs_embeds: torch.Tensor,
     input_ids: torch.Tensor,
@@ -374,7 +356,7 @@ def fast_compress(
         torch.ones(B, L, dtype=torch.bool, device=inputs_embeds.device)
         if attention_mask is None else attention_mask.bool()
     )
-    with _triton_on_cpu(backend == "triton" and inputs_embeds.device.type == "cpu"), \
+    with triton_on_cpu(backend == "triton" and inputs_embeds.device.type == "cpu"), \
             cpu_block_cache(backend == "cpu"):
         plan = build_plan(
             input_ids, position_ids[0], valid, video_token_id=video_token_id, audio_token_id=audio_token_id,

@@ -47,6 +47,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_interp)
 
 
+@pytest.fixture(params=["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+def path(request):
+    """Runs an op test on the torch/C++ CPU path and (under the interpreter) on the Triton path."""
+    from omnisift_kernels.triton_kernels import triton_on_cpu
+
+    with triton_on_cpu(request.param == "triton"):
+        yield request.param
+
+
 @pytest.fixture
 def seed() -> int:
     """Seeds torch and random with a fixed value and returns it."""

@@ -43,13 +43,16 @@ def build_selector(spec: dict) -> VisionGuidedAudioSelector:
     return sel.eval()
 
 
-def run_case(case, **kw):
+BACKENDS = ["reference", "cpu", pytest.param("triton", marks=pytest.mark.interpreter)]
+
+
+def run_case(case, backend="reference", **kw):
     return compress(
         case["inputs_embeds"], case["input_ids"], case["position_ids"],
         attention_mask=case["attention_mask"],
         video_token_id=case["video_token_id"], audio_token_id=case["audio_token_id"],
         rho_video=case["rho_video"], rho_audio=case["rho_audio"],
-        selector=build_selector(case["selector"]), backend="reference", **kw,
+        selector=build_selector(case["selector"]), backend=backend, **kw,
     )
 
 
@@ -69,15 +72,17 @@ def spec_chunks(ids, times, valid, vid, aid):
     return out
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("index", range(NUM_CASES))
-def test_golden_keep_mask(cases, index):
+def test_golden_keep_mask(cases, index, backend):
+    """Every backend reproduces the release's keep mask exactly."""
     case = cases[index]
-    res = run_case(case)
+    res = run_case(case, backend)
     want = case["keep_mask"].bool()
     got = res.keep_mask
     if not torch.equal(got, want):
         diff = torch.nonzero(got != want)[:, 1].tolist()
-        pytest.fail(f"case {index} ({case['source']}): keep mask differs at positions {diff}")
+        pytest.fail(f"case {index} ({case['source']}, backend {backend}): keep mask differs at positions {diff}")
     # Packed output consistent with the golden mask.
     assert torch.equal(res.inputs_embeds, case["inputs_embeds"].flatten(0, 1)[want.flatten()])
 

@@ -16,12 +16,6 @@ if TRITON_AVAILABLE:
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-@pytest.fixture(params=["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
-def path(request, monkeypatch):
-    monkeypatch.setenv("OMNISIFT_TRITON_ON_CPU", "1" if request.param == "triton" else "0")
-    return request.param
-
-
 def _views(B, L, D, dtype):
     yield "contiguous", torch.randn(B, L, D).to(dtype)
     yield "transposed", torch.randn(B, D, L).to(dtype).transpose(1, 2)

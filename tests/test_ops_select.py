@@ -18,12 +18,6 @@ if TRITON_AVAILABLE:
     from omnisift_kernels.triton_kernels import segmented_topk_mask_triton
 
 
-@pytest.fixture(params=["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
-def path(request, monkeypatch):
-    monkeypatch.setenv("OMNISIFT_TRITON_ON_CPU", "1" if request.param == "triton" else "0")
-    return request.param
-
-
 def _layout(sizes, ks):
     off = torch.tensor([0] + sizes).cumsum(0)
     return off, torch.tensor(ks, dtype=torch.int64)

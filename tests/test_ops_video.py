@@ -36,13 +36,6 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SIZES = [0, 1, 5, 17, 64, 3, 0, 33, 1, 0]  # ragged, with empty and size-1 segments
 
 
-@pytest.fixture(params=["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
-def path(request, monkeypatch):
-    """Runs a test on the torch path and (under the interpreter) on the Triton path."""
-    monkeypatch.setenv("OMNISIFT_TRITON_ON_CPU", "1" if request.param == "triton" else "0")
-    return request.param
-
-
 def _chunks(B, L, n_per_frame, n_chunks, x_gen=None):
     """Two-frame chunks: frame 1 = saliency tokens, frame 2 = paired to frame 1 index-wise."""
     toks, offs, pairs = [], [0], []
@@ -274,17 +267,29 @@ def test_torch_compile_fullgraph():
 
 
 def test_dispatch_rules(monkeypatch):
-    from omnisift_kernels.triton_kernels import use_triton
+    import threading
+
+    from omnisift_kernels.triton_kernels import triton_on_cpu, use_triton
 
     x = torch.zeros(1)
-    monkeypatch.setenv("OMNISIFT_TRITON_ON_CPU", "1")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert not use_triton(x)  # both variables are needed on CPU tensors
-    monkeypatch.setenv("OMNISIFT_TRITON_ON_CPU", "0")
+    with triton_on_cpu():
+        assert not use_triton(x)  # CPU tensors need the interpreter too
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert not use_triton(x)
-    monkeypatch.setenv("OMNISIFT_TRITON_ON_CPU", "1")
-    assert use_triton(x) == TRITON_AVAILABLE
+    monkeypatch.setenv("OMNISIFT_TRITON_ON_CPU", "1")  # the environment plays no part
+    assert not use_triton(x)
+    with triton_on_cpu():
+        assert use_triton(x) == TRITON_AVAILABLE
+        seen = []
+        t = threading.Thread(target=lambda: seen.append(use_triton(x)))  # another thread: not routed
+        t.start()
+        t.join()
+        assert seen == [False]
+        with triton_on_cpu(False):
+            assert not use_triton(x)
+        assert use_triton(x) == TRITON_AVAILABLE
+    assert not use_triton(x)
     assert not use_triton(torch.zeros(1, device="meta"))
 
 
@@ -308,7 +313,7 @@ def test_works_without_triton():
         "assert ops.gather_ste(x, tok[:2], torch.rand(1, 6)).shape == (2, 4)\n"
         "print('ok')\n"
     )
-    env = dict(__import__("os").environ, OMNISIFT_TRITON_ON_CPU="1", TRITON_INTERPRET="1")
+    env = dict(__import__("os").environ, TRITON_INTERPRET="1")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          cwd=__import__("pathlib").Path(__file__).resolve().parents[1])
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]

@@ -18,9 +18,10 @@ and the reference alike, so near ties rank the same everywhere): a zero vector s
 Not validated (would need a host sync): index values in ``[0, B*L)``, ``seg_offsets`` starting
 at 0, non-decreasing and ending at N, distinct flat indices within ``token_index``.
 
-Path: on CUDA tensors the Triton kernels run; on CPU tensors a vectorized torch path, unless
-``OMNISIFT_TRITON_ON_CPU=1`` and ``TRITON_INTERPRET=1`` are both set (then the Triton kernels run
-through the interpreter).
+Path: on CUDA tensors the Triton kernels run; on CPU tensors the C++ kernel (or a vectorized torch
+path without the extension), unless ``TRITON_INTERPRET=1`` is set and the call runs inside
+``omnisift_kernels.triton_kernels.triton_on_cpu()`` (then the Triton kernels run through the
+interpreter).
 """
 
 from __future__ import annotations

@@ -10,9 +10,9 @@ before this package is first imported, as Triton decides at ``@triton.jit`` time
 
 from __future__ import annotations
 
-from .dispatch import TRITON_AVAILABLE, TRITON_ERROR, use_triton
+from .dispatch import TRITON_AVAILABLE, TRITON_ERROR, triton_on_cpu, use_triton
 
-__all__ = ["TRITON_AVAILABLE", "TRITON_ERROR", "use_triton"]
+__all__ = ["TRITON_AVAILABLE", "TRITON_ERROR", "triton_on_cpu", "use_triton"]
 
 if TRITON_AVAILABLE:
     from .gather import gather_rows_triton, gather_ste_backward_triton

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 
 import torch
@@ -22,20 +24,37 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# Whether ops route CPU tensors through the Triton launchers (interpreter). A context variable, not an
+# environment variable: each thread (and asyncio task) has its own value, so a call that turns it on
+# never changes what a concurrent call in another thread runs, and no library call writes os.environ.
+_TRITON_ON_CPU: contextvars.ContextVar[bool] = contextvars.ContextVar("omnisift_triton_on_cpu", default=False)
+
+
+@contextlib.contextmanager
+def triton_on_cpu(enabled: bool = True):
+    """While active (in this thread or task only), ops on CPU tensors take their Triton path when
+    ``TRITON_INTERPRET=1`` is set: ``compress(backend="triton")`` on CPU tensors, and the tests, use
+    it to run the Triton kernels through the interpreter."""
+    token = _TRITON_ON_CPU.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _TRITON_ON_CPU.reset(token)
+
+
 def use_triton(t: torch.Tensor) -> bool:
     """Whether an op on tensors living where ``t`` lives takes its Triton path.
 
-    CUDA tensors: yes when Triton is importable. CPU tensors: only when both
-    ``OMNISIFT_TRITON_ON_CPU=1`` and ``TRITON_INTERPRET=1`` are set (the tests use this to run the
-    Triton kernels through the interpreter); otherwise the vectorized torch CPU path runs.
-    The environment is read on every call, so tests may toggle it.
+    CUDA tensors: yes when Triton is importable. CPU tensors: only inside :func:`triton_on_cpu`
+    with ``TRITON_INTERPRET=1`` set (the Triton kernels then run through the interpreter);
+    otherwise the vectorized torch / C++ CPU path runs.
     """
     if not TRITON_AVAILABLE:
         return False
     if t.device.type == "cuda":
         return True
     if t.device.type == "cpu":
-        return os.environ.get("OMNISIFT_TRITON_ON_CPU", "0") == "1" and interpreting()
+        return _TRITON_ON_CPU.get() and interpreting()
     return False
 
 
