@@ -8,7 +8,16 @@ import numbers
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# input_ids and position_ids: integer dtypes wide enough for real token ids (151,656 and up) and
+# TMRoPE time ids; narrower ones would wrap the placeholder ids on one backend and not another.
+INDEX_DTYPES = (torch.int32, torch.int64)
 OUTPUT_LAYOUTS = ("packed", "right", "left")
+# Token ids are compared with int32 or int64 input_ids: ids outside int32 are refused everywhere.
+TOKEN_ID_RANGE = (-(2**31), 2**31 - 1)
+# Time ids (position_ids[0]) of video and audio tokens must lie in [0, TIME_ID_LIMIT): the fast plan
+# sorts (row << 40 | time id) keys. Processors give ids from 0 up to 25 per second of media.
+TIME_ID_BITS = 40
+TIME_ID_LIMIT = 1 << TIME_ID_BITS
 
 
 def check_ratio(op: str, name: str, value) -> float:
@@ -22,9 +31,26 @@ def check_ratio(op: str, name: str, value) -> float:
 
 
 def check_token_id(op: str, name: str, value) -> int:
+    """A placeholder token id: an int in the int32 range (negative ids match no token)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{op}: {name} must be an int token id, got {type(value).__name__} {value!r}")
-    return int(value)
+    value = int(value)
+    lo, hi = TOKEN_ID_RANGE
+    if not lo <= value <= hi:
+        raise ValueError(f"{op}: {name} must be an int32 token id in [{lo}, {hi}], got {value}")
+    return value
+
+
+def check_token_ids_differ(op: str, video_token_id: int, audio_token_id: int) -> None:
+    """Video and audio placeholders must be different tokens (a token cannot be both)."""
+    if video_token_id == audio_token_id:
+        raise ValueError(f"{op}: video_token_id and audio_token_id must differ, got {video_token_id} for both")
+
+
+def check_optional_bool(op: str, name: str, value) -> bool | None:
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(f"{op}: {name} must be True, False or None, got {type(value).__name__} {value!r}")
+    return value
 
 
 def check_output(op: str, output) -> str:
@@ -51,18 +77,21 @@ def check_compress_inputs(
     B, L, D = inputs_embeds.shape
     dev = inputs_embeds.device
 
-    def _int_tensor(name, t, shape):
+    def _int_tensor(name, t, shape, dtypes=None):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
             raise TypeError(f"{op}: {name} must be an integer tensor, got {t.dtype}")
+        if dtypes is not None and t.dtype not in dtypes:
+            raise TypeError(f"{op}: {name} must be int32 or int64 (narrower integers cannot hold token and "
+                            f"time ids), got {t.dtype}")
         if tuple(t.shape) != shape:
             raise ValueError(f"{op}: {name} must have shape {list(shape)}, got {list(t.shape)}")
         if t.device != dev:
             raise ValueError(f"{op}: {name} is on {t.device} but inputs_embeds is on {dev}")
 
-    _int_tensor("input_ids", input_ids, (B, L))
-    _int_tensor("position_ids", position_ids, (3, B, L))
+    _int_tensor("input_ids", input_ids, (B, L), INDEX_DTYPES)
+    _int_tensor("position_ids", position_ids, (3, B, L), INDEX_DTYPES)
     if attention_mask is not None:
         if not isinstance(attention_mask, torch.Tensor):
             raise TypeError(f"{op}: attention_mask must be a torch.Tensor or None, got {type(attention_mask).__name__}")
@@ -114,3 +143,71 @@ def check_finite(op: str, inputs_embeds: torch.Tensor, skip_rows: torch.Tensor |
     """Raises if the embeddings hold NaN or Inf (one device read); ``skip_rows`` as in :func:`all_finite`."""
     if not bool(all_finite(inputs_embeds, skip_rows)):
         raise non_finite_error(op)
+
+
+# ------------------------------------------------------------------------------------------------
+# Time ids (spec §1): the layout every backend relies on, checked the same way everywhere.
+
+
+def layout_violations(input_ids: torch.Tensor, time_ids: torch.Tensor, valid: torch.Tensor,
+                      video_token_id: int, audio_token_id: int) -> torch.Tensor:
+    """Counts the layout violations of a batch with tensor ops (any device, no host read).
+
+    Args:
+        input_ids: int ``[B, L]``.
+        time_ids: int ``[B, L]`` (row 0 of the TMRoPE ids).
+        valid: bool ``[B, L]``, False at padding (never checked).
+        video_token_id: id of video placeholders.
+        audio_token_id: id of audio placeholders.
+
+    Returns:
+        int64 ``[2]``: video and audio tokens whose time id lies outside ``[0, 2**40)``, and video
+        tokens whose time id is below that of an earlier video token of their row (frames out of
+        time order, or interleaved).
+    """
+    times = time_ids.to(torch.int64)
+    is_video = (input_ids == video_token_id) & valid
+    media = is_video | ((input_ids == audio_token_id) & valid)
+    out_of_range = media & ((times < 0) | (times >= TIME_ID_LIMIT))
+    # Running maximum of the row's video time ids (-1 before its first video token).
+    running = torch.cummax(torch.where(is_video, times, -1), dim=1).values if times.shape[1] else times
+    decreasing = is_video & (times < running)
+    return torch.stack([out_of_range.sum(), decreasing.sum()])
+
+
+def time_id_range_error(op: str, row: int, col: int, value: int) -> ValueError:
+    return ValueError(
+        f"{op}: position_ids[0] (time ids) must lie in [0, 2**{TIME_ID_BITS}) at video and audio tokens, "
+        f"got {value} at row {row}, column {col}")
+
+
+def time_id_order_error(op: str, row: int, col: int, value: int, prev_col: int, prev_value: int) -> ValueError:
+    return ValueError(
+        f"{op}: position_ids[0] (time ids) must not decrease along a row's video tokens (each frame's tokens "
+        f"share one time id and frames come in time order, spec §1), got {value} at row {row}, column {col} "
+        f"after {prev_value} at column {prev_col}")
+
+
+def check_layout(op: str, input_ids: torch.Tensor, time_ids: torch.Tensor, valid: torch.Tensor,
+                 video_token_id: int, audio_token_id: int) -> None:
+    """Raises a ValueError on a layout violation (see :func:`layout_violations`); one host read."""
+    counts = layout_violations(input_ids, time_ids, valid, video_token_id, audio_token_id)
+    if bool(counts.any()):
+        raise layout_error(op, input_ids, time_ids, valid, video_token_id, audio_token_id, counts)
+
+
+def layout_error(op: str, input_ids: torch.Tensor, time_ids: torch.Tensor, valid: torch.Tensor,
+                 video_token_id: int, audio_token_id: int, counts) -> ValueError:
+    """The error of a batch whose :func:`layout_violations` are ``counts``: the first violation's, as
+    the reference's row check words it (error path only: reads the tensors on the host)."""
+    from .reference.plan import check_time_ids
+
+    try:
+        for b in range(input_ids.shape[0]):
+            check_time_ids(op, b, input_ids[b].cpu(), time_ids[b].cpu(), valid[b].cpu(), video_token_id,
+                           audio_token_id)
+    except ValueError as e:
+        return e
+    out_of_range, decreasing = (int(c) for c in counts)
+    return ValueError(f"{op}: position_ids[0] (time ids) break the layout: {out_of_range} video/audio token(s) "
+                      f"outside [0, 2**{TIME_ID_BITS}), {decreasing} video token(s) out of time order")

@@ -49,14 +49,33 @@ def compress(
         backend: ``"auto"`` (from the device; the ``OMNISIFT_BACKEND`` environment variable overrides),
             ``"reference"``, ``"cpu"`` or ``"triton"``. An explicitly requested backend that cannot
             run raises.
-        grid: optional host-side layout metadata (see ``omnisift_kernels.plan.LayoutGrid``) that makes
-            the fast path free of device-to-host synchronisation.
+        grid: optional host-side layout: per row, its items (:mod:`omnisift_kernels.layout`) in sequence
+            order. Makes the fast path free of device-to-host synchronisation. It must describe the
+            batch: on CPU tensors a mismatch raises a ValueError; on CUDA it fails a device-side
+            assertion (``torch._assert_async``) and no kernel reads or writes out of bounds.
         validate: check the embeddings for NaN/Inf. None: check when the call synchronises anyway
             (the reference, or the fast path without ``grid``, where the check rides on the one sizes
             read); True with ``grid`` costs one device read.
 
     Returns:
         A :class:`CompressionResult`.
+
+    Raises:
+        TypeError: an argument of the wrong type or dtype (``input_ids``/``position_ids`` must be int32
+            or int64).
+        ValueError: wrong shapes or devices, ratios outside ``[0, 1)``, equal video and audio token ids,
+            NaN/Inf embeddings (when validated), time ids that break the layout (below), a ``grid`` that
+            does not describe the batch.
+
+    Input contract (every backend alike; **[ours]** where the spec is silent):
+
+    * Time ids (``position_ids[0]``) of video and audio tokens lie in ``[0, 2**40)``, and along a row
+      a video token's time id never decreases (every frame's tokens share one time id, frames in time
+      order; a frame's tokens may be split by other tokens). Anything else is a ValueError. Audio time
+      ids may come in any order: each audio token joins the window its own time id falls in. Padding
+      positions are never read.
+    * ``B = 0`` or ``L = 0``: an empty result, nothing raised.
+    * Negative token ids match no token (``SpatioTemporalVideoPruner`` uses -1 for "no audio").
     """
     op = "omnisift_kernels.compress"
     V.check_compress_inputs(op, inputs_embeds, input_ids, position_ids, attention_mask, labels)
@@ -64,7 +83,9 @@ def compress(
     rho_audio = V.check_ratio(op, "rho_audio", rho_audio)
     video_token_id = V.check_token_id(op, "video_token_id", video_token_id)
     audio_token_id = V.check_token_id(op, "audio_token_id", audio_token_id)
+    V.check_token_ids_differ(op, video_token_id, audio_token_id)
     output = V.check_output(op, output)
+    validate = V.check_optional_bool(op, "validate", validate)
     if selector is not None and not isinstance(selector, VisionGuidedAudioSelector):
         raise TypeError(f"{op}: selector must be a VisionGuidedAudioSelector or None, got {type(selector).__name__}")
     if selector is not None and selector.d_model != inputs_embeds.shape[-1]:

@@ -8,10 +8,22 @@ fast pipeline turns them (``grid=``) into every size it needs without reading th
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Union
 
 TOKENS_PER_SECOND = 25  # audio tokens per second = TMRoPE time ids per second
 SECONDS_PER_CHUNK = 2
+
+
+def _check_counts(item, *names: str, optional: tuple[str, ...] = ()) -> None:
+    """Every named field of a layout item is a non-negative int (``optional`` ones may be None)."""
+    for name in names + optional:
+        value = getattr(item, name)
+        if value is None and name in optional:
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+            raise ValueError(f"{type(item).__name__}: {name} must be a non-negative int, got "
+                             f"{type(value).__name__} {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,6 +31,9 @@ class Text:
     """``tokens`` plain text tokens (positions advance by one)."""
 
     tokens: int
+
+    def __post_init__(self) -> None:
+        _check_counts(self, "tokens")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +53,9 @@ class Video:
     frame_w: int
     audio_tokens: int | None = None
 
+    def __post_init__(self) -> None:
+        _check_counts(self, "seconds", "frame_h", "frame_w", optional=("audio_tokens",))
+
     @property
     def tokens_per_frame(self) -> int:
         return self.frame_h * self.frame_w
@@ -53,6 +71,9 @@ class Audio:
 
     tokens: int
 
+    def __post_init__(self) -> None:
+        _check_counts(self, "tokens")
+
 
 @dataclasses.dataclass(frozen=True)
 class Image:
@@ -60,6 +81,9 @@ class Image:
 
     h: int
     w: int
+
+    def __post_init__(self) -> None:
+        _check_counts(self, "h", "w")
 
 
 Item = Union[Text, Video, Audio, Image]

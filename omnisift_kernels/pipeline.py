@@ -21,6 +21,7 @@ indexing except the single sizes read of stage 2 when no ``grid`` is given.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch
@@ -28,11 +29,14 @@ import torch.nn.functional as F
 
 from . import cpu_attention, cpu_gemm, ops
 from ._ext import cpu_block_cache, ext_has_kernel
-from ._validation import all_finite, check_finite, non_finite_error
-from .plan import DevicePlan, PlanSizes, build_plan, read_sizes, sizes_from_grid
+from ._validation import all_finite, check_finite, layout_error, layout_violations, non_finite_error
+from .plan import DevicePlan, PlanSizes, build_plan, check_grid, grid_mismatch_error, read_sizes, sizes_from_grid
 from .result import CompressionResult
 from .selector import VisionGuidedAudioSelector
-from .triton_kernels import triton_on_cpu
+from .triton_kernels import TRITON_AVAILABLE, triton_on_cpu
+
+if TRITON_AVAILABLE:
+    from .triton_kernels import assert_grid_matches
 
 
 def compact_indices(mask: torch.Tensor, count: int) -> torch.Tensor:
@@ -44,8 +48,11 @@ def compact_indices(mask: torch.Tensor, count: int) -> torch.Tensor:
         int64 ``[count]``.
     """
     n = mask.shape[0]
-    slot = torch.where(mask, torch.cumsum(mask, 0) - 1, count)
-    out = torch.empty(count + 1, dtype=torch.int64, device=mask.device)
+    # A wrong count (a grid that does not describe the batch on CUDA, caught by a device-side
+    # assertion) must not write out of bounds or leave garbage: extra entries land in the dump slot,
+    # missing ones stay 0 (a valid index).
+    slot = torch.where(mask, torch.cumsum(mask, 0) - 1, count).clamp_(max=count)
+    out = torch.zeros(count + 1, dtype=torch.int64, device=mask.device)
     out.scatter_(0, slot, torch.arange(n, device=mask.device))
     return out[:count]
 
@@ -322,6 +329,25 @@ def assemble(
     return CompressionResult(inputs_embeds=embeds, position_ids=pos_pad, attention_mask=mask, labels=lab_pad, **common)
 
 
+def host_reads_are_free(device: torch.device) -> bool:
+    """Whether the call may read its plan on the host for checks (CPU tensors: the values are already
+    there). Elsewhere the checks ride on the one sizes read, or on a device-side assertion with
+    ``grid``. (Tests patch this to run the device logic on CPU tensors under a sync guard.)"""
+    return device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _assert_grid(op: str, plan: DevicePlan, violations: torch.Tensor, grid_sizes: PlanSizes) -> None:
+    """A device-side assertion that ``grid`` describes the batch and the layout holds (no host read)."""
+    msg = (f"{op}: grid does not describe input_ids/position_ids/attention_mask, or position_ids[0] breaks "
+           "the layout (run the call eagerly on CPU tensors for details)")
+    expected = list(dataclasses.astuple(grid_sizes))
+    if plan.sizes.device.type == "cuda":
+        assert_grid_matches(plan.sizes, violations, expected, msg)
+    else:  # CPU tensors under torch.compile tracing, or the tests' device logic on the CPU
+        ok = (plan.sizes == torch.tensor(expected, dtype=torch.int64)).all() & (violations == 0).all()
+        torch._assert_async(ok, msg)
+
+
 def fast_compress(
     inputs_embeds: torch.Tensor,
     input_ids: torch.Tensor,
@@ -351,31 +377,53 @@ def fast_compress(
             f"omnisift_kernels.compress: backend='cpu' needs CPU tensors, got {inputs_embeds.device}; "
             "use backend='triton' or 'auto'"
         )
+    op = "omnisift_kernels.compress"
     B, L, _ = inputs_embeds.shape
+    on_cpu = host_reads_are_free(inputs_embeds.device)
     valid = (
         torch.ones(B, L, dtype=torch.bool, device=inputs_embeds.device)
         if attention_mask is None else attention_mask.bool()
     )
-    with triton_on_cpu(backend == "triton" and inputs_embeds.device.type == "cpu"), \
-            cpu_block_cache(backend == "cpu"):
+    grid_sizes = None
+    if grid is not None:
+        grid = check_grid(op, grid, B)
+        grid_sizes, _ = sizes_from_grid(grid, rho_video=rho_video, rho_audio=rho_audio,
+                                        score_audio=selector is not None)
+    routing = triton_on_cpu() if backend == "triton" and inputs_embeds.device.type == "cpu" else contextlib.nullcontext()
+    with routing, cpu_block_cache(backend == "cpu"):
         plan = build_plan(
             input_ids, position_ids[0], valid, video_token_id=video_token_id, audio_token_id=audio_token_id,
             rho_video=rho_video, rho_audio=rho_audio, score_audio=selector is not None,
         )
+        violations = layout_violations(input_ids, position_ids[0], valid, video_token_id, audio_token_id)
         # Validation reads every element once: split between the video kernel (video rows) and
         # all_finite (the rest) when the C++ CPU kernel serves the call, all_finite alone otherwise.
         split = validate and _split_finite_check(inputs_embeds, backend)
         skip = plan.is_video.view(B, L) if split else None
-        if grid is None:
+        if on_cpu:
+            # CPU tensors: reading the plan's sizes costs nothing, so the layout and the grid are
+            # checked directly.
+            if bool(violations.any()):
+                raise layout_error(op, input_ids, position_ids[0], valid, video_token_id, audio_token_id,
+                                   violations)
+            if grid_sizes is not None:
+                actual = PlanSizes(*plan.sizes.tolist())
+                if actual != grid_sizes:
+                    raise grid_mismatch_error(op, grid_sizes, actual)
+        if grid_sizes is None:
             finite = all_finite(inputs_embeds, skip_rows=skip) if validate else None
-            sizes = read_sizes(plan, finite)
+            sizes = read_sizes(plan, finite, violations if not on_cpu else None)
+            if sizes is None:
+                raise layout_error(op, input_ids, position_ids[0], valid, video_token_id, audio_token_id,
+                                   violations)
         else:
             if validate:
-                check_finite("omnisift_kernels.compress", inputs_embeds, skip_rows=skip)
-            if len(grid) != B:
-                raise ValueError(f"omnisift_kernels.compress: grid must describe {B} rows, got {len(grid)}")
-            sizes, _ = sizes_from_grid(grid, rho_video=rho_video, rho_audio=rho_audio,
-                                       score_audio=selector is not None)
+                check_finite(op, inputs_embeds, skip_rows=skip)
+            if not on_cpu:
+                # No host read: a mismatch fails a device-side assertion; until then every kernel
+                # stays in bounds (index lists are clamped, gathers masked).
+                _assert_grid(op, plan, violations, grid_sizes)
+            sizes = grid_sizes
         index = index_plan(plan, sizes)
         score = selector is not None and sizes.num_audio_assigned and sizes.num_chunks
         video_rows = None
@@ -387,7 +435,7 @@ def fast_compress(
                 keep_v = video_keep(inputs_embeds, index, check_finite=split)
         except ValueError as e:
             if split and "NaN or Inf" in str(e):
-                raise non_finite_error("omnisift_kernels.compress") from None
+                raise non_finite_error(op) from None
             raise
         scores = None
         if score:

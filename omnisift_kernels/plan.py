@@ -256,20 +256,31 @@ def _build_plan_torch(input_ids, time_ids, valid, *, video_token_id, audio_token
     )
 
 
-def read_sizes(plan: DevicePlan, finite: torch.Tensor | None = None) -> PlanSizes:
+def read_sizes(plan: DevicePlan, finite: torch.Tensor | None = None,
+               violations: torch.Tensor | None = None) -> PlanSizes | None:
     """Stage 2 without metadata: the one device-to-host read of the call.
 
     Args:
         plan: the stage-1 plan.
         finite: optional bool scalar (embeddings all finite) read in the same transfer; a ValueError
             is raised when it is False.
+        violations: optional int64 ``[2]`` layout violation counts read in the same transfer.
+
+    Returns:
+        The sizes, or None when ``violations`` holds a violation (the caller raises its error).
     """
-    values = plan.sizes if finite is None else torch.cat([plan.sizes, finite.to(torch.int64).view(1)])
-    host = values.tolist()
+    parts = [plan.sizes]
+    if violations is not None:
+        parts.append(violations.to(torch.int64).reshape(-1).sum().view(1))
+    if finite is not None:
+        parts.append(finite.to(torch.int64).view(1))
+    host = (torch.cat(parts) if len(parts) > 1 else plan.sizes).tolist()
     if finite is not None and not host.pop():
         from ._validation import non_finite_error
 
         raise non_finite_error("omnisift_kernels.compress")
+    if violations is not None and host.pop():
+        return None
     return PlanSizes(*host)
 
 
@@ -316,6 +327,37 @@ def _host_row(items: list[Item]) -> _HostRow:
         top = max(top, eos)
         pos = eos + 1
     return _HostRow(frames=frames, audio_runs=runs, end=top + 1, length=row_length(items))
+
+
+def check_grid(op: str, grid, batch: int) -> list[list[Item]]:
+    """The structure of a caller's ``grid``: a list of ``batch`` rows, each a list of layout items.
+
+    Whether it describes the tensors is checked against the plan (see ``pipeline.fast_compress``).
+
+    Raises:
+        TypeError: ``grid``, a row or an item of the wrong type.
+        ValueError: a row count other than ``batch``.
+    """
+    if not isinstance(grid, (list, tuple)):
+        raise TypeError(f"{op}: grid must be a list of rows (lists of layout items), got {type(grid).__name__}")
+    if len(grid) != batch:
+        raise ValueError(f"{op}: grid must describe {batch} rows (the batch size), got {len(grid)}")
+    for b, row in enumerate(grid):
+        if not isinstance(row, (list, tuple)):
+            raise TypeError(f"{op}: grid[{b}] must be a list of layout items, got {type(row).__name__}")
+        for i, item in enumerate(row):
+            if not isinstance(item, (Text, Video, Audio, Image)):
+                raise TypeError(f"{op}: grid[{b}][{i}] must be a Text, Video, Audio or Image of "
+                                f"omnisift_kernels.layout, got {type(item).__name__} {item!r}")
+    return [list(row) for row in grid]
+
+
+def grid_mismatch_error(op: str, from_grid: PlanSizes, from_tensors: PlanSizes) -> ValueError:
+    """The error of a ``grid`` whose sizes differ from those of the tensors it should describe."""
+    diffs = [f"{f.name} {getattr(from_grid, f.name)} (tensors: {getattr(from_tensors, f.name)})"
+             for f in dataclasses.fields(PlanSizes) if getattr(from_grid, f.name) != getattr(from_tensors, f.name)]
+    return ValueError(f"{op}: grid does not describe input_ids/position_ids/attention_mask: it gives "
+                      + ", ".join(diffs))
 
 
 def sizes_from_grid(

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from ..result import CompressionResult
 from ..selector import VisionGuidedAudioSelector
 from ..ste import straight_through_keep
-from .plan import RowPlan, plan_row
+from .plan import RowPlan, check_time_ids, plan_row
 
 COSINE_EPS = 1e-8
 
@@ -136,6 +136,9 @@ def reference_compress(
     plans: list[RowPlan] = []
 
     for b in range(B):
+        check_time_ids("omnisift_kernels.compress", b, input_ids[b], position_ids[0, b], valid[b],
+                       video_token_id, audio_token_id)
+    for b in range(B):
         plan = plan_row(input_ids[b], position_ids[0, b], valid[b], video_token_id, audio_token_id)
         plans.append(plan)
         embeds = inputs_embeds[b]
@@ -176,9 +179,9 @@ def reference_compress(
     cu_seqlens = torch.zeros(B + 1, dtype=torch.int32)
     cu_seqlens[1:] = torch.cumsum(lengths, 0).to(torch.int32)
     max_seqlen = int(lengths.max()) if B else 0
-    max_pos = torch.stack(
-        [p.max() if p.numel() else torch.tensor(-1, device=device) for p in rows_pos]
-    ).to(torch.int64)
+    max_pos = torch.tensor(
+        [int(p.max()) if p.numel() else -1 for p in rows_pos], dtype=torch.int64
+    )
     rope_deltas = max_pos.cpu() + 1 - lengths
 
     def counts(token_id: int, mask: torch.Tensor) -> torch.Tensor:
@@ -187,7 +190,7 @@ def reference_compress(
     common = dict(
         keep_mask=keep_mask,
         output=output,
-        indices=torch.cat(rows_index).to(torch.int64),
+        indices=torch.cat(rows_index).to(torch.int64) if B else torch.zeros(0, dtype=torch.int64, device=device),
         cu_seqlens=cu_seqlens.to(device),
         max_seqlen=max_seqlen,
         rope_deltas=rope_deltas.to(device),
@@ -197,6 +200,15 @@ def reference_compress(
         audio_total=counts(audio_token_id, valid),
         audio_scores=audio_scores,
     )
+    if B == 0:  # an empty batch: torch.cat / torch.stack refuse empty lists
+        n = (0,) if output == "packed" else (0, 0)
+        return CompressionResult(
+            inputs_embeds=inputs_embeds.new_zeros(*n, D),
+            position_ids=position_ids.new_zeros(3, *n),
+            attention_mask=None if output == "packed" else torch.zeros(0, 0, dtype=torch.int64, device=device),
+            labels=None if labels is None else labels.new_zeros(n),
+            **common,
+        )
     if output == "packed":
         return CompressionResult(
             inputs_embeds=torch.cat(rows_embeds),

@@ -6,6 +6,8 @@ import dataclasses
 
 import torch
 
+from .._validation import TIME_ID_LIMIT, time_id_order_error, time_id_range_error
+
 
 @dataclasses.dataclass
 class ChunkPlan:
@@ -78,3 +80,29 @@ def plan_row(
         in_window = (audio_times >= start) & (audio_times < end)
         chunks.append(ChunkPlan(frames=frames[first : first + 2], audio=audio[in_window], window=(start, end)))
     return RowPlan(video=video, audio=audio, frame_times=frame_times, chunks=chunks)
+
+
+def check_time_ids(op: str, row: int, input_ids: torch.Tensor, time_ids: torch.Tensor, valid: torch.Tensor,
+                   video_token_id: int, audio_token_id: int) -> None:
+    """The layout rule on time ids, for one row, token by token (spec §1, **[ours]**).
+
+    Video and audio tokens have time ids in ``[0, 2**40)``; along the row, a video token's time id is
+    never below an earlier video token's: every frame's tokens share one time id and frames come in time
+    order, so "the distinct time ids, ascending" (§2) is also the order of the frames in the sequence.
+    Padding (``valid`` False) is not checked.
+
+    Raises:
+        ValueError: naming ``op``, the row and column of the first violation.
+    """
+    prev_col, prev_time = -1, -1
+    for col in range(input_ids.shape[0]):
+        token = int(input_ids[col])
+        if not bool(valid[col]) or token not in (video_token_id, audio_token_id):
+            continue
+        time = int(time_ids[col])
+        if not 0 <= time < TIME_ID_LIMIT:
+            raise time_id_range_error(op, row, col, time)
+        if token == video_token_id:
+            if time < prev_time:
+                raise time_id_order_error(op, row, col, time, prev_col, prev_time)
+            prev_col, prev_time = col, time

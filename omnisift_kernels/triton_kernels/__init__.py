@@ -15,6 +15,7 @@ from .dispatch import TRITON_AVAILABLE, TRITON_ERROR, triton_on_cpu, use_triton
 __all__ = ["TRITON_AVAILABLE", "TRITON_ERROR", "triton_on_cpu", "use_triton"]
 
 if TRITON_AVAILABLE:
+    from .check import assert_grid_matches, grid_matches
     from .gather import gather_rows_triton, gather_ste_backward_triton
     from .select import segmented_topk_mask_triton
     from .video import (
@@ -24,6 +25,8 @@ if TRITON_AVAILABLE:
     )
 
     __all__ += [
+        "assert_grid_matches",
+        "grid_matches",
         "frame_pair_similarity_triton",
         "frame_saliency_triton",
         "gather_rows_triton",
