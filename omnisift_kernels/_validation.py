@@ -211,3 +211,108 @@ def layout_error(op: str, input_ids: torch.Tensor, time_ids: torch.Tensor, valid
     out_of_range, decreasing = (int(c) for c in counts)
     return ValueError(f"{op}: position_ids[0] (time ids) break the layout: {out_of_range} video/audio token(s) "
                       f"outside [0, 2**{TIME_ID_BITS}), {decreasing} video token(s) out of time order")
+
+
+# ------------------------------------------------------------------------------------------------
+# The ops' arguments (omnisift_kernels.ops): types and shapes, then index values.
+
+
+def check_tensor(op: str, name: str, t) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def check_embeddings(op: str, x, name: str = "x") -> torch.Tensor:
+    check_tensor(op, name, x)
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} must be float32/bfloat16/float16/float64, got {x.dtype}")
+    if x.dim() != 3:
+        raise ValueError(f"{op}: {name} must be 3-D [B, L, D], got {x.dim()}-D shape {tuple(x.shape)}")
+    return x
+
+
+def check_device(op: str, name: str, t: torch.Tensor, device: torch.device) -> None:
+    if t.device != device:
+        raise ValueError(f"{op}: {name} must be on {device} (the device of the embeddings), "
+                         f"got {t.device}")
+
+
+def check_index(op: str, name: str, t, device: torch.device, length: int | None = None,
+                length_desc: str = "") -> torch.Tensor:
+    check_tensor(op, name, t)
+    if t.dtype != torch.int64:
+        raise TypeError(f"{op}: {name} must be int64, got {t.dtype}")
+    if t.dim() != 1:
+        raise ValueError(f"{op}: {name} must be 1-D, got {t.dim()}-D shape {tuple(t.shape)}")
+    check_device(op, name, t, device)
+    if length is not None and t.shape[0] != length:
+        raise ValueError(f"{op}: {name} must have length {length}{length_desc}, got {t.shape[0]}")
+    return t
+
+
+def check_offsets(op: str, seg_offsets, device: torch.device,
+                  num_segments: int | None = None) -> torch.Tensor:
+    check_index(op, "seg_offsets", seg_offsets, device)
+    if seg_offsets.shape[0] < 1:
+        raise ValueError(f"{op}: seg_offsets must have length S+1 >= 1, got 0")
+    if num_segments is not None and seg_offsets.shape[0] != num_segments + 1:
+        raise ValueError(f"{op}: seg_offsets must have length S+1 = {num_segments + 1} "
+                         f"(S = len(k)), got {seg_offsets.shape[0]}")
+    return seg_offsets
+
+
+def _reads_values(t: torch.Tensor) -> bool:
+    """Whether a value check may read ``t`` on the host: CPU tensors, outside compile tracing."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def check_index_values(op: str, name: str, t: torch.Tensor, upper: int, allow_negative: bool = False) -> None:
+    """Every entry of the int64 index ``t`` in ``[0, upper)`` (any negative too, if ``allow_negative``).
+
+    CPU tensors: a ValueError naming the first bad entry. Elsewhere a device-side assertion (no host read).
+    """
+    if t.numel() == 0:
+        return
+    bad = (t >= upper) if allow_negative else ((t < 0) | (t >= upper))
+    expected = f"negative or < {upper} (B*L)" if allow_negative else f"in [0, {upper}) (B*L)"
+    if _reads_values(t):
+        if bool(bad.any()):
+            i = int(bad.to(torch.int8).argmax())
+            raise ValueError(f"{op}: {name} values must be {expected}, got {name}[{i}] = {int(t[i])}")
+    else:
+        torch._assert_async(~bad.any(), f"{op}: {name} values must be {expected}")
+
+
+def check_offsets_values(op: str, seg_offsets: torch.Tensor, n: int) -> None:
+    """CSR offsets: ``seg_offsets[0] == 0``, non-decreasing, ``seg_offsets[-1] == n``.
+
+    CPU tensors: a ValueError. Elsewhere a device-side assertion (no host read).
+    """
+    steps = seg_offsets[1:] - seg_offsets[:-1]
+    if _reads_values(seg_offsets):
+        first, last = int(seg_offsets[0]), int(seg_offsets[-1])
+        if first != 0 or last != n:
+            raise ValueError(f"{op}: seg_offsets must run from 0 to N = {n} (the indexed length), got "
+                             f"{first} to {last}")
+        if steps.numel() and bool((steps < 0).any()):
+            s = int((steps < 0).to(torch.int8).argmax())
+            raise ValueError(f"{op}: seg_offsets must be non-decreasing, got seg_offsets[{s}] = "
+                             f"{int(seg_offsets[s])} > seg_offsets[{s + 1}] = {int(seg_offsets[s + 1])}")
+    else:
+        ok = (seg_offsets[0] == 0) & (seg_offsets[-1] == n) & (steps >= 0).all()
+        torch._assert_async(ok, f"{op}: seg_offsets must run from 0 to N = {n} and be non-decreasing")
+
+
+def check_distinct_values(op: str, name: str, t: torch.Tensor, upper: int) -> None:
+    """No entry of ``t`` (values in ``[0, upper)``, checked before) appears twice."""
+    if t.numel() < 2:
+        return
+    counts = torch.zeros(upper, dtype=torch.int32, device=t.device).index_add_(
+        0, t, torch.ones_like(t, dtype=torch.int32))
+    if _reads_values(t):
+        if bool((counts > 1).any()):
+            v = int((counts > 1).to(torch.int8).argmax())
+            raise ValueError(f"{op}: {name} values must be distinct, got {v} more than once")
+    else:
+        torch._assert_async((counts <= 1).all(), f"{op}: {name} values must be distinct")

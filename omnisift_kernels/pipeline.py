@@ -16,7 +16,10 @@ Stages (each a function, testable alone; the benchmark times them one by one):
    labels, ``cu_seqlens`` and the padded layouts.
 
 No Python loops over rows, frames or chunks; no ``.item()``/``.tolist()``/``nonzero``/boolean
-indexing except the single sizes read of stage 2 when no ``grid`` is given.
+indexing except the single sizes read of stage 2 when no ``grid`` is given (on CPU tensors, where a
+read costs nothing, the layout and ``grid`` are also checked by reading the plan). The stages call the
+registered ops (``torch.ops.omnisift.*``) directly: their index arguments come from the plan, so the
+public functions' value checks are skipped.
 """
 
 from __future__ import annotations
@@ -182,8 +185,8 @@ def video_keep(x: torch.Tensor, index: IndexPlan, check_finite: bool = False) ->
         scores = torch.ops.omnisift.video_scores_cpu(
             x, index.video_index, index.frame_offsets, index.pair_index, check_finite=True)
     else:
-        scores = ops.video_scores(x, index.video_index, index.frame_offsets, index.pair_index)
-    return ~ops.segmented_topk_mask(scores, index.frame_offsets, index.frame_drop)
+        scores = torch.ops.omnisift.video_scores(x, index.video_index, index.frame_offsets, index.pair_index)
+    return ~torch.ops.omnisift.segmented_topk_mask(scores, index.frame_offsets, index.frame_drop)
 
 
 def selector_rows_dtype(x: torch.Tensor, selector: VisionGuidedAudioSelector) -> torch.dtype:
@@ -263,7 +266,7 @@ def audio_keep(index: IndexPlan, sizes: PlanSizes, scores: torch.Tensor | None) 
     if scores is None:
         return torch.ones(sizes.num_audio, dtype=torch.bool, device=index.audio_index.device)
     full = torch.cat([scores.detach().float(), scores.new_zeros(sizes.num_audio - scores.shape[0])])
-    return ops.segmented_topk_mask(full, index.audio_offsets, index.audio_keep_count)
+    return torch.ops.omnisift.segmented_topk_mask(full, index.audio_offsets, index.audio_keep_count)
 
 
 def assemble(
@@ -298,7 +301,7 @@ def assemble(
         in_scored = plan.chunk_scored[index.audio_chunk[:n]]
         ste_scores = ste_scores.index_put((index.audio_index[:n],), torch.where(in_scored, scores.float(), 0.0))
         score_map = ste_scores.view(B, L)
-    packed = ops.gather_ste(x, kept_index, ste_scores.view(B, L))
+    packed = torch.ops.omnisift.gather_ste(x, kept_index, ste_scores.view(B, L))
     pos = position_ids.reshape(3, B * L)[:, kept_index]
     lab = labels.reshape(B * L)[kept_index] if labels is not None else None
     lengths = plan.kept

@@ -141,13 +141,33 @@ def test_int64_addressing():
     torch.testing.assert_close(gs.double(), es, atol=1e-3, rtol=1e-4)
 
 
-def test_duplicate_indices_torch_path_sums():
+def test_duplicate_or_out_of_range_indices_are_refused(path):
+    """Repeated indices would give different gradients on the two paths (the torch path sums the rows,
+    the Triton one keeps one writer's): refused on every path, as indices outside [0, B*L) are."""
     x = torch.randn(1, 4, 3, requires_grad=True)
     s = torch.rand(1, 4, requires_grad=True)
-    idx = torch.tensor([2, 2])
-    g = torch.randn(2, 3)
-    gather_ste(x, idx, s).backward(g)
-    torch.testing.assert_close(x.grad[0, 2], g.sum(0))
+    with pytest.raises(ValueError, match=r"gather_ste: indices values must be distinct, got 2 more than once"):
+        gather_ste(x, torch.tensor([2, 0, 2]), s)
+    with pytest.raises(ValueError, match=r"gather_ste: indices values must be in \[0, 4\) \(B\*L\), got indices\[1\] = 4"):
+        gather_ste(x, torch.tensor([0, 4]), s)
+    with pytest.raises(ValueError, match=r"indices\[0\] = -1"):
+        gather_ste(x, torch.tensor([-1]), s)
+
+
+@pytest.mark.interpreter
+def test_triton_gather_masks_out_of_range_indices():
+    """The launchers themselves (below the public checks) never read outside x: bad indices give zero
+    rows forward and no writes backward."""
+    x = torch.randn(2, 3, 4)
+    idx = torch.tensor([5, -1, 6, 1 << 40, 0])
+    out = gather_rows_triton(x, idx)
+    flat = x.flatten(0, 1)
+    assert torch.equal(out[0], flat[5]) and torch.equal(out[4], flat[0])
+    assert torch.equal(out[1:4], torch.zeros(3, 4))
+    gx, gs = gather_ste_backward_triton(torch.ones(5, 4), x, idx)
+    assert torch.equal(gx.flatten(0, 1)[[0, 5]], torch.ones(2, 4))
+    assert gx.flatten(0, 1)[1:5].abs().sum() == 0
+    torch.testing.assert_close(gs.flatten()[[0, 5]], flat[[0, 5]].sum(-1))
 
 
 def test_validation_errors():

@@ -14,7 +14,15 @@ import torch
 
 from .._ext import ext_has_kernel
 from ..triton_kernels import TRITON_AVAILABLE, use_triton
-from .video import check_device, check_embeddings, check_index, check_tensor, flat_rows_view, token_rows
+from .._validation import (
+    check_device,
+    check_distinct_values,
+    check_embeddings,
+    check_index,
+    check_index_values,
+    check_tensor,
+)
+from .video import flat_rows_view, token_rows
 
 if TRITON_AVAILABLE:
     from ..triton_kernels import gather_rows_triton, gather_ste_backward_triton
@@ -108,7 +116,9 @@ def gather_ste(x: torch.Tensor, indices: torch.Tensor, scores: torch.Tensor) -> 
         ``[T, D]`` in x's dtype: exactly ``x.flatten(0, 1)[indices]``.
 
     Raises:
-        TypeError, ValueError: on a wrong type, dtype, rank, shape or device.
+        TypeError, ValueError: on a wrong type, dtype, rank, shape or device; ``indices`` outside
+            ``[0, B*L)`` or repeated (on CUDA tensors: a device-side assertion, and the Triton gather
+            masks its loads meanwhile).
 
     Backward: ``grad_x`` (x's dtype, zeros for rows not gathered) and ``grad_scores[b, l] =
     <x[b, l], grad_out[j]>`` for gathered positions, zeros elsewhere. The Triton backward stores
@@ -124,4 +134,7 @@ def gather_ste(x: torch.Tensor, indices: torch.Tensor, scores: torch.Tensor) -> 
         raise ValueError(f"{op}: scores must have shape [B, L] = {tuple(x.shape[:2])}, got "
                          f"{tuple(scores.shape)}")
     check_device(op, "scores", scores, x.device)
+    BL = x.shape[0] * x.shape[1]
+    check_index_values(op, "indices", indices, BL)
+    check_distinct_values(op, "indices", indices, BL)
     return torch.ops.omnisift.gather_ste(x, indices, scores)

@@ -14,7 +14,8 @@ import torch
 
 from .._ext import ext_has_kernel
 from ..triton_kernels import TRITON_AVAILABLE, use_triton
-from .video import check_device, check_index, check_offsets, check_tensor, segment_ids
+from .._validation import check_device, check_index, check_offsets, check_offsets_values, check_tensor
+from .video import segment_ids
 
 if TRITON_AVAILABLE:
     from ..triton_kernels import segmented_topk_mask_triton
@@ -71,7 +72,8 @@ def segmented_topk_mask(scores: torch.Tensor, seg_offsets: torch.Tensor,
         ``bool [N]``.
 
     Raises:
-        TypeError, ValueError: on a wrong type, dtype, rank, length or device.
+        TypeError, ValueError: on a wrong type, dtype, rank, length or device, or ``seg_offsets`` not
+            running from 0 to N without decreasing (on CUDA tensors: a device-side assertion).
 
     Segment sizes: the Triton kernel ranks a segment of up to 4096 elements by an in-register
     bitonic sort and any larger one by a blocked pairwise count in the same launch (O(n^2)); the
@@ -88,4 +90,5 @@ def segmented_topk_mask(scores: torch.Tensor, seg_offsets: torch.Tensor,
     check_index(op, "k", k, scores.device)
     check_offsets(op, seg_offsets, scores.device, num_segments=k.shape[0])
     check_device(op, "k", k, scores.device)
+    check_offsets_values(op, seg_offsets, scores.shape[0])
     return torch.ops.omnisift.segmented_topk_mask(scores, seg_offsets, k)

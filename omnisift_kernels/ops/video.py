@@ -15,8 +15,12 @@ synchronizes with the host. The cosine is ``F.cosine_similarity`` of torch 2.13 
 ``<a, b> / (max(|a|, eps) * max(|b|, eps))``, accumulated in fp64 and rounded to fp32 (every backend
 and the reference alike, so near ties rank the same everywhere): a zero vector scores 0, not NaN.
 
-Not validated (would need a host sync): index values in ``[0, B*L)``, ``seg_offsets`` starting
-at 0, non-decreasing and ending at N, distinct flat indices within ``token_index``.
+Index values are validated on every backend: indices in ``[0, B*L)`` (``pair_index`` may also be
+negative, meaning "the segment mean"), ``seg_offsets`` starting at 0, non-decreasing and ending at N.
+On CPU tensors a violation is a ValueError naming the op and argument; on CUDA tensors (no host read)
+it fails a device-side assertion, and the kernels' loads are masked so nothing is read out of
+bounds meanwhile. Repeated indices in ``token_index`` are allowed (a token counted twice in its
+segment's mean, on every backend alike).
 
 Path: on CUDA tensors the Triton kernels run; on CPU tensors the C++ kernel (or a vectorized torch
 path without the extension), unless ``TRITON_INTERPRET=1`` is set and the call runs inside
@@ -30,6 +34,13 @@ import torch
 import torch.nn.functional as F
 
 from .._ext import ext_has_kernel
+from .._validation import (
+    check_embeddings,
+    check_index,
+    check_index_values,
+    check_offsets,
+    check_offsets_values,
+)
 from ..triton_kernels import TRITON_AVAILABLE, use_triton
 
 if TRITON_AVAILABLE:
@@ -42,55 +53,6 @@ if TRITON_AVAILABLE:
 __all__ = ["frame_pair_similarity", "frame_saliency", "video_scores"]
 
 EPS = 1e-8
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
-# ----------------------------------------------------------------------------------------------
-# Input validation (shared with ops.select / ops.gather): errors name op, argument, expected, got.
-
-
-def check_tensor(op: str, name: str, t) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    return t
-
-
-def check_embeddings(op: str, x, name: str = "x") -> torch.Tensor:
-    check_tensor(op, name, x)
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{op}: {name} must be float32/bfloat16/float16/float64, got {x.dtype}")
-    if x.dim() != 3:
-        raise ValueError(f"{op}: {name} must be 3-D [B, L, D], got {x.dim()}-D shape {tuple(x.shape)}")
-    return x
-
-
-def check_index(op: str, name: str, t, device: torch.device, length: int | None = None,
-                length_desc: str = "") -> torch.Tensor:
-    check_tensor(op, name, t)
-    if t.dtype != torch.int64:
-        raise TypeError(f"{op}: {name} must be int64, got {t.dtype}")
-    if t.dim() != 1:
-        raise ValueError(f"{op}: {name} must be 1-D, got {t.dim()}-D shape {tuple(t.shape)}")
-    check_device(op, name, t, device)
-    if length is not None and t.shape[0] != length:
-        raise ValueError(f"{op}: {name} must have length {length}{length_desc}, got {t.shape[0]}")
-    return t
-
-
-def check_device(op: str, name: str, t: torch.Tensor, device: torch.device) -> None:
-    if t.device != device:
-        raise ValueError(f"{op}: {name} must be on {device} (the device of the embeddings), "
-                         f"got {t.device}")
-
-
-def check_offsets(op: str, seg_offsets, device: torch.device,
-                  num_segments: int | None = None) -> torch.Tensor:
-    check_index(op, "seg_offsets", seg_offsets, device)
-    if seg_offsets.shape[0] < 1:
-        raise ValueError(f"{op}: seg_offsets must have length S+1 >= 1, got 0")
-    if num_segments is not None and seg_offsets.shape[0] != num_segments + 1:
-        raise ValueError(f"{op}: seg_offsets must have length S+1 = {num_segments + 1} "
-                         f"(S = len(k)), got {seg_offsets.shape[0]}")
-    return seg_offsets
 
 
 # ----------------------------------------------------------------------------------------------
@@ -269,12 +231,15 @@ def frame_saliency(x: torch.Tensor, token_index: torch.Tensor,
         ``float32 [N]`` aligned with ``token_index``.
 
     Raises:
-        TypeError, ValueError: on a wrong type, dtype, rank, length or device.
+        TypeError, ValueError: on a wrong type, dtype, rank, length or device, or index values
+            outside their range (see the module docstring).
     """
     op = "frame_saliency"
     check_embeddings(op, x)
     check_index(op, "token_index", token_index, x.device)
     check_offsets(op, seg_offsets, x.device)
+    check_index_values(op, "token_index", token_index, x.shape[0] * x.shape[1])
+    check_offsets_values(op, seg_offsets, token_index.shape[0])
     return torch.ops.omnisift.frame_saliency(x, token_index, seg_offsets)
 
 
@@ -293,13 +258,16 @@ def frame_pair_similarity(x: torch.Tensor, first_index: torch.Tensor,
         ``float32 [M]``.
 
     Raises:
-        TypeError, ValueError: on a wrong type, dtype, rank, length or device.
+        TypeError, ValueError: on a wrong type, dtype, rank, length or device, or index values
+            outside their range (see the module docstring).
     """
     op = "frame_pair_similarity"
     check_embeddings(op, x)
     check_index(op, "first_index", first_index, x.device)
     check_index(op, "second_index", second_index, x.device, first_index.shape[0],
                 " (= len(first_index))")
+    check_index_values(op, "first_index", first_index, x.shape[0] * x.shape[1])
+    check_index_values(op, "second_index", second_index, x.shape[0] * x.shape[1])
     return torch.ops.omnisift.frame_pair_similarity(x, first_index, second_index)
 
 
@@ -317,14 +285,16 @@ def video_scores(x: torch.Tensor, token_index: torch.Tensor, seg_offsets: torch.
         x: ``[B, L, D]`` float32/bfloat16/float16/float64 embeddings, any strides.
         token_index: ``int64 [N]`` distinct flat token indices (CSR values).
         seg_offsets: ``int64 [S+1]`` CSR offsets.
-        pair_index: ``int64 [N]``: -1, or the flat index (in ``[0, B*L)``) of the token to compare
-            with (for the second frame of a chunk: the token at the same index in the first frame).
+        pair_index: ``int64 [N]``: negative (use -1) for "the segment mean", or the flat index (in
+            ``[0, B*L)``) of the token to compare with (for the second frame of a chunk: the token at
+            the same index in the first frame).
 
     Returns:
         ``float32 [N]`` aligned with ``token_index``.
 
     Raises:
-        TypeError, ValueError: on a wrong type, dtype, rank, length or device.
+        TypeError, ValueError: on a wrong type, dtype, rank, length or device, or index values
+            outside their range (see the module docstring).
     """
     op = "video_scores"
     check_embeddings(op, x)
@@ -332,4 +302,8 @@ def video_scores(x: torch.Tensor, token_index: torch.Tensor, seg_offsets: torch.
     check_offsets(op, seg_offsets, x.device)
     check_index(op, "pair_index", pair_index, x.device, token_index.shape[0],
                 " (= len(token_index))")
+    BL = x.shape[0] * x.shape[1]
+    check_index_values(op, "token_index", token_index, BL)
+    check_index_values(op, "pair_index", pair_index, BL, allow_negative=True)
+    check_offsets_values(op, seg_offsets, token_index.shape[0])
     return torch.ops.omnisift.video_scores(x, token_index, seg_offsets, pair_index)

@@ -10,8 +10,9 @@ and loops over D: ``grad_x[t_j, :] = grad_out[j, :]`` (stored in x's dtype) and
 T*D*e written. Rows that were not gathered must be zero: the launcher zero-initialises
 ``grad_x`` (``torch.zeros``: one memset pass of B*L*D*e, which runs at full write bandwidth) rather
 than running a kernel over all B*L rows with an inverse index map; the gathered rows are thus
-written twice. Indices are assumed distinct (as kept-token indices are); with duplicates the
-Triton path keeps one writer's row (the CPU path sums them).
+written twice. Indices are assumed distinct (as kept-token indices are; ``ops.gather_ste`` checks
+it). Whatever the indices hold, no load or store leaves the tensors: an index outside ``[0, B*L)``
+gives a zero row forward and is skipped backward.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from .dispatch import next_pow2
 
 @triton.jit
 def _gather_rows_kernel(
-    x_ptr, idx_ptr, out_ptr, T, L, D, sxb, sxl, sxd,
+    x_ptr, idx_ptr, out_ptr, T, L, BL, D, sxb, sxl, sxd,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     j = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -33,22 +34,25 @@ def _gather_rows_kernel(
     jm = j < T
     dm = d < D
     t = tl.load(idx_ptr + j, mask=jm, other=0)
+    tm = (t >= 0) & (t < BL)  # an index outside [0, B*L) reads nothing: its row is zero
+    t = tl.where(tm, t, 0)
     b = t // L
     row = b * sxb + (t - b * L) * sxl
     m = jm[:, None] & dm[None, :]
-    v = tl.load(x_ptr + row[:, None] + d.to(tl.int64)[None, :] * sxd, mask=m)
+    v = tl.load(x_ptr + row[:, None] + d.to(tl.int64)[None, :] * sxd, mask=m & tm[:, None], other=0.0)
     tl.store(out_ptr + j[:, None] * D + d[None, :], v, mask=m)
 
 
 @triton.jit
 def _gather_ste_bwd_kernel(
-    g_ptr, x_ptr, idx_ptr, gx_ptr, gs_ptr, T, L, D,
+    g_ptr, x_ptr, idx_ptr, gx_ptr, gs_ptr, T, L, BL, D,
     sgt, sgd, sxb, sxl, sxd,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     j = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    jm = j < T
-    t = tl.load(idx_ptr + j, mask=jm, other=0)
+    t = tl.load(idx_ptr + j, mask=j < T, other=0)
+    jm = (j < T) & (t >= 0) & (t < BL)  # an index outside [0, B*L) reads and writes nothing
+    t = tl.where(jm, t, 0)
     b = t // L
     row = b * sxb + (t - b * L) * sxl
     acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
@@ -68,7 +72,7 @@ def gather_rows_triton(x, indices, *, out=None):
 
     Args:
         x: ``[B, L, D]`` any dtype, any strides.
-        indices: ``int64 [T]`` flat token indices in ``[0, B*L)``.
+        indices: ``int64 [T]`` flat token indices in ``[0, B*L)`` (others give zero rows).
         out: optional preallocated contiguous ``[T, D]`` of x's dtype.
 
     Returns:
@@ -87,7 +91,7 @@ def gather_rows_triton(x, indices, *, out=None):
     block_t = max(4, min(64, 4096 // block_d))
     grid = (triton.cdiv(T, block_t), triton.cdiv(D, block_d))
     _gather_rows_kernel[grid](
-        x, indices.contiguous(), out, T, L, D, x.stride(0), x.stride(1), x.stride(2),
+        x, indices.contiguous(), out, T, L, B * L, D, x.stride(0), x.stride(1), x.stride(2),
         BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4,
     )
     return out
@@ -114,7 +118,7 @@ def gather_ste_backward_triton(grad_out, x, indices, scores_dtype=torch.float32)
     block_d = min(256, next_pow2(D))
     block_t = max(4, min(64, 2048 // block_d))
     _gather_ste_bwd_kernel[(triton.cdiv(T, block_t),)](
-        grad_out, x, indices.contiguous(), grad_x, grad_scores, T, L, D,
+        grad_out, x, indices.contiguous(), grad_x, grad_scores, T, L, B * L, D,
         grad_out.stride(0), grad_out.stride(1), x.stride(0), x.stride(1), x.stride(2),
         BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4,
     )
