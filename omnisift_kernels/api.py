@@ -7,6 +7,7 @@ import os
 import torch
 
 from . import _validation as V
+from .plan import check_grid
 from .reference import reference_compress
 from .result import CompressionResult
 from .selector import VisionGuidedAudioSelector
@@ -96,13 +97,15 @@ def compress(
     if validate is None:
         validate = backend == "reference" or grid is None
     if backend == "reference":
+        if grid is not None:
+            grid = check_grid(op, grid, inputs_embeds.shape[0])
         if validate:
             V.check_finite(op, inputs_embeds)
         return reference_compress(
             inputs_embeds, input_ids, position_ids,
             video_token_id=video_token_id, audio_token_id=audio_token_id,
             rho_video=rho_video, rho_audio=rho_audio, selector=selector,
-            attention_mask=attention_mask, labels=labels, output=output,
+            attention_mask=attention_mask, labels=labels, output=output, grid=grid,
         )
     from .pipeline import fast_compress
 

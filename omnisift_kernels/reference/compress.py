@@ -108,6 +108,7 @@ def reference_compress(
     attention_mask: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
     output: str = "packed",
+    grid=None,
 ) -> CompressionResult:
     """OmniSIFT on a batch, one row and one chunk at a time. Inputs are assumed validated.
 
@@ -123,6 +124,9 @@ def reference_compress(
         attention_mask: ``[B, L]`` (0 at padding) or None.
         labels: int ``[B, L]`` or None.
         output: ``"packed"``, ``"right"`` or ``"left"``.
+        grid: optional per-row layout items (structure already checked): the batch's sizes counted
+            here, chunk by chunk, must equal those the fast path derives from it
+            (``omnisift_kernels.plan.sizes_from_grid``), else a ValueError.
 
     Returns:
         A :class:`CompressionResult`.
@@ -159,6 +163,9 @@ def reference_compress(
             keep_mask[b, kept] = True
             audio_scores = audio_scores.index_put((torch.full_like(chunk.audio, b), chunk.audio), scores.float())
             scored[b, chunk.audio] = True
+
+    if grid is not None:
+        _check_grid_sizes(grid, plans, keep_mask, rho_video, rho_audio, selector is not None)
 
     # Gather the kept tokens of every row; kept scored audio rows go through the STE.
     rows_embeds, rows_pos, rows_labels, rows_index = [], [], [], []
@@ -226,3 +233,28 @@ def reference_compress(
         labels=pad(rows_labels, max_seqlen, -100) if labels is not None else None,
         **common,
     )
+
+
+def _check_grid_sizes(grid, plans: list[RowPlan], keep_mask: torch.Tensor, rho_video: float, rho_audio: float,
+                      score_audio: bool) -> None:
+    """Raises the fast path's error when the sizes of ``grid`` differ from the batch's, counted here."""
+    from ..plan import PlanSizes, grid_mismatch_error, sizes_from_grid
+
+    chunks = [(b, c) for b, p in enumerate(plans) for c in p.chunks]
+    kept_video = [sum(int(keep_mask[b, f].sum()) for f in c.frames) for b, c in chunks]
+    row_kept = keep_mask.sum(dim=1).tolist()
+    counted = PlanSizes(
+        num_video=sum(p.video.numel() for p in plans),
+        num_audio=sum(p.audio.numel() for p in plans),
+        num_frames=sum(len(p.frame_times) for p in plans),
+        num_chunks=len(chunks),
+        num_video_kept=sum(kept_video),
+        num_audio_assigned=sum(c.audio.numel() for _, c in chunks),
+        total_kept=sum(row_kept),
+        max_seqlen=max(row_kept, default=0),
+        max_chunk_audio=max((c.audio.numel() for _, c in chunks), default=0),
+        max_chunk_video=max(kept_video, default=0),
+    )
+    from_grid, _ = sizes_from_grid(grid, rho_video=rho_video, rho_audio=rho_audio, score_audio=score_audio)
+    if from_grid != counted:
+        raise grid_mismatch_error("omnisift_kernels.compress", from_grid, counted)
