@@ -18,7 +18,7 @@ SOURCES := setup.py CMakeLists.txt pyproject.toml $(shell find csrc -type f 2>/d
 # Dependencies beyond torch. Already-satisfied ones are not fetched (the GPU image has them all).
 DEV_DEPS := numpy triton pytest pytest-benchmark hypothesis expecttest tqdm matplotlib "transformers>=5.0,<6"
 
-.PHONY: setup bench test test-all test-gpu clean
+.PHONY: setup bench test test-all test-gpu test-asan clean
 
 setup: $(STAMP)
 
@@ -51,6 +51,11 @@ bench: setup
 test: setup
 	TRITON_INTERPRET=1 $(VPY) -m pytest -q -p no:cacheprovider -m "not slow" --benchmark-disable tests bench; \
 	rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected: failing"; exit 1; fi; exit $$rc
+
+# The C++ extension under AddressSanitizer + UndefinedBehaviorSanitizer (its own build in build/asan),
+# the op, pipeline, bad-input and block-cache tests against it; any report fails the run.
+test-asan: setup
+	PY=$(VPY) bash tests/asan.sh
 
 clean:
 	rm -rf build $(VENV) *.egg-info omnisift_kernels/_C*.so

@@ -12,6 +12,9 @@ Environment:
     TORCH_CUDA_ARCH_LIST     CUDA architectures (default "8.0;9.0", i.e. sm_80 and sm_90).
     MAX_JOBS                 parallel compile jobs (default: the number of CPUs).
     OMNISIFT_BUILD_TYPE      CMake build type (default Release, -O3).
+    OMNISIFT_SANITIZE        e.g. "address,undefined": compile and link the extension with
+                             -fsanitize=<value> (-O1 -g, its own build tree build/cmake-...-sanitize);
+                             `make test-asan` uses it with `build_ext --build-lib`, never in place.
     CMAKE_ARGS               extra arguments for the CMake configure step.
 
 Flags: -O3; C++20 for torch >= 2.10 (its headers use C++20 features, as does torch.utils.cpp_extension),
@@ -67,7 +70,9 @@ class CMakeBuild(build_ext):
 
         out_path = Path(self.get_ext_fullpath(ext.name)).resolve()
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        build_temp = ROOT / "build" / f"cmake-{sysconfig.get_platform()}-{sys.implementation.cache_tag}"
+        sanitize = os.environ.get("OMNISIFT_SANITIZE", "").strip()
+        build_temp = ROOT / "build" / (f"cmake-{sysconfig.get_platform()}-{sys.implementation.cache_tag}"
+                                       + ("-sanitize" if sanitize else ""))
         build_temp.mkdir(parents=True, exist_ok=True)
 
         nvcc = _find_nvcc()
@@ -96,6 +101,10 @@ class CMakeBuild(build_ext):
             cmake_args += ["-G", "Ninja"]
             ninja = shutil.which("ninja") or _ninja_from_package()
             cmake_args.append(f"-DCMAKE_MAKE_PROGRAM={ninja}")
+        if sanitize:
+            flags = f"-fsanitize={sanitize} -fno-sanitize-recover=all -fno-omit-frame-pointer -g -O1"
+            cmake_args += [f"-DCMAKE_CXX_FLAGS={flags}", f"-DCMAKE_CXX_FLAGS_RELEASE=-O1",
+                           f"-DCMAKE_MODULE_LINKER_FLAGS=-fsanitize={sanitize}"]
         cmake_args += shlex.split(env.get("CMAKE_ARGS", ""))
 
         jobs = env.get("MAX_JOBS") or str(os.cpu_count() or 1)

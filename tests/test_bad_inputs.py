@@ -467,8 +467,8 @@ def test_contract_crash_prone(backend: str):
     names = [c.name for c in CASES if c.crashy and backend in _backends(c)]
     code = f"import runpy; runpy.run_path({str(Path(__file__))!r})['_child']({backend!r})"
     env = dict(os.environ)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600,
-                          cwd=Path(__file__).resolve().parents[1])
+    # The working directory and environment are the parent's: the child imports the same package.
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     results = {}
     started = None
     for line in proc.stdout.splitlines():
