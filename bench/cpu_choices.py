@@ -47,9 +47,13 @@ def _blocks(fns: dict, rounds: int, per_block: int = 4) -> dict[str, list[float]
 
 @contextlib.contextmanager
 def _environ(**values: str):
-    """Sets environment variables for the block, then restores what was there."""
+    """Sets environment variables for the block, then restores what was there (the benchmark program's
+    own environment; the extension is told to read its settings again both times)."""
+    from omnisift_kernels._ext import reload_cpu_settings
+
     old = {k: os.environ.get(k) for k in values}
     os.environ.update(values)
+    reload_cpu_settings()
     try:
         yield
     finally:
@@ -58,6 +62,7 @@ def _environ(**values: str):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        reload_cpu_settings()
 
 
 def _summary(samples: list[float]) -> str:

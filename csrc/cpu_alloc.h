@@ -18,7 +18,8 @@
 // blocks are then plain posix_memalign).
 // A freed block is kept while the cache holds at most OMNISIFT_CPU_OUTPUT_CACHE_MB (default: 1/16 of
 // the physical memory, at least 256 MiB and at most 4 GiB; the oldest blocks are freed to make room;
-// 0 turns the cache off); release_cpu_output_cache() frees every cached block. (The default was a
+// 0 turns the cache off; read once, see cpu_settings.h); release_cpu_output_cache() frees every
+// cached block. (The default was a
 // flat 256 MiB until a 300-second clip, whose survivors and packed output are ~0.4-0.5 GB each, was
 // seen freeing both and mapping them anew every call: on the Zen 5 VM a third of its calls then spent
 // 0.7-1.0 s in the kernel faulting them back in, 930-1,260 ms against 500-560 ms; with 1.47 GB, 1/16
@@ -34,6 +35,8 @@
 #include <ATen/ops/empty.h>
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/Storage.h>
+
+#include "cpu_settings.h"
 
 #include <algorithm>
 #include <cstdlib>
@@ -56,44 +59,6 @@
 #endif
 
 namespace omnisift {
-
-inline bool env_flag_off(const char* v) {
-  return v != nullptr && (std::strcmp(v, "0") == 0 || std::strcmp(v, "false") == 0 || std::strcmp(v, "off") == 0);
-}
-
-inline bool cpu_hugepage_outputs_enabled() { return !env_flag_off(std::getenv("OMNISIFT_CPU_HUGEPAGES")); }
-
-// The output cache's limit when OMNISIFT_CPU_OUTPUT_CACHE_MB is unset: 1/16 of the physical memory,
-// clamped to [256 MiB, 4 GiB] (computed once). Cached blocks stay mapped, so a long call's peak RSS
-// also counts intermediates it already freed (300 s clip: 1.31 vs 1.13 GB); the ceiling bounds what a
-// big host keeps mapped between calls.
-inline size_t default_cpu_output_cache_limit() {
-  static const size_t limit = [] {
-    const size_t floor = size_t(256) << 20;
-    const size_t ceiling = size_t(4) << 30;
-#if defined(__unix__) || defined(__APPLE__)
-    const long pages = sysconf(_SC_PHYS_PAGES);
-    const long page_size = sysconf(_SC_PAGE_SIZE);
-    if (pages > 0 && page_size > 0) {
-      const size_t physical = static_cast<size_t>(pages) * static_cast<size_t>(page_size);
-      return std::min(ceiling, std::max(floor, physical / 16));
-    }
-#endif
-    return floor;
-  }();
-  return limit;
-}
-
-// Bytes the output cache may hold: OMNISIFT_CPU_OUTPUT_CACHE_MB (default: the above; 0 turns the cache
-// off).
-inline size_t cpu_output_cache_limit() {
-  const char* v = std::getenv("OMNISIFT_CPU_OUTPUT_CACHE_MB");
-  if (v == nullptr || *v == '\0') return default_cpu_output_cache_limit();
-  char* end = nullptr;
-  const long long mb = std::strtoll(v, &end, 10);
-  if (end == v || *end != '\0' || mb <= 0) return 0;  // 0, negative or not a number: off
-  return static_cast<size_t>(mb) << 20;
-}
 
 namespace detail {
 
@@ -137,7 +102,7 @@ inline void release_block(void* ptr) {
     // address to a smaller block that comes back here, do not keep it as a block of the old capacity.
     if (capacity > 0 && malloc_usable_size(ptr) < capacity) capacity = 0;
 #endif
-    const size_t limit = capacity == 0 ? 0 : cpu_output_cache_limit();  // (small blocks: no getenv)
+    const size_t limit = capacity == 0 ? 0 : cpu_output_cache_limit();
     if (capacity == 0 || capacity > limit) {
       to_free.push_back(ptr);
     } else {

@@ -260,6 +260,8 @@ TORCH_LIBRARY(omnisift, m) {
   m.def("cpu_output_cache_bytes() -> int", &omnisift::cpu_output_cache_bytes);
   m.def("cpu_output_cache_limit() -> int", &omnisift::cpu_output_cache_limit_bytes);
   m.def("release_cpu_output_cache() -> int", &omnisift::release_cpu_output_cache);
+  // Reads the OMNISIFT_CPU_* settings from the environment again (cpu_settings.h; else read once).
+  m.def("reload_cpu_settings() -> bool", &omnisift::reload_cpu_settings);
   // Opens/closes a scope in which torch's CPU allocator takes blocks of 256 KiB or more from that cache.
   m.def("cpu_allocator_scope(bool enter) -> bool", &omnisift::cpu_allocator_scope);
   m.def("cpu_allocator_suspend(bool suspend) -> bool", &omnisift::cpu_allocator_suspend);

@@ -42,20 +42,17 @@
 #include <string>
 #include <vector>
 
+#include "cpu_settings.h"
 #include "cpu_simd.h"
 
 namespace omnisift {
 
-// The inner loops for this call: the best instruction set the CPU has, capped by OMNISIFT_CPU_ISA.
+// The inner loops for this call: the best instruction set the CPU has, capped by OMNISIFT_CPU_ISA
+// (read once, see cpu_settings.h).
 const simd::Loops& cpu_loops() {
-  int cap = 2;  // 0 base, 1 avx2, 2 avx512
-  if (const char* forced = std::getenv("OMNISIFT_CPU_BASELINE"); forced && forced[0] == '1') cap = 0;
-  if (const char* isa = std::getenv("OMNISIFT_CPU_ISA"); isa && *isa) {
-    const std::string v(isa);
-    TORCH_CHECK_VALUE(v == "base" || v == "avx2" || v == "avx512",
-                      "omnisift: OMNISIFT_CPU_ISA must be base, avx2 or avx512, got '", v, "'");
-    cap = std::min(cap, v == "base" ? 0 : v == "avx2" ? 1 : 2);
-  }
+  std::string bad;
+  const int cap = cpu_isa_cap(&bad);  // 0 base, 1 avx2, 2 avx512
+  TORCH_CHECK_VALUE(cap >= 0, "omnisift: OMNISIFT_CPU_ISA must be base, avx2 or avx512, got '", bad, "'");
 #if defined(__x86_64__) && defined(__GNUC__)
   static const bool has_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                                  __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma") &&

@@ -83,3 +83,13 @@ def _block_cache_toggle(op_name: str, enabled: bool = True):
         yield
     finally:
         op(False)
+
+
+def reload_cpu_settings() -> None:
+    """Makes the extension read its ``OMNISIFT_CPU_*`` environment variables again.
+
+    The extension reads them once, at first use (``csrc/cpu_settings.h``): its kernels and allocation
+    path never call ``getenv``. A process (or a test) that changes them at run time calls this after.
+    """
+    if EXT_AVAILABLE and hasattr(torch.ops.omnisift, "reload_cpu_settings"):
+        torch.ops.omnisift.reload_cpu_settings()

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "TOLERANCES",
+    "set_cpu_env",
     "assert_close_scores",
     "near_tie_differences",
     "nan_poisoned",
@@ -259,3 +260,15 @@ def near_tie_differences(
         raise AssertionError(f"keep mask differs from the reference outside any frame or scored chunk cut, "
                              f"e.g. row {b} position {pos} ({int(outside.sum())} token(s))")
     return int(diff.sum())
+
+
+def set_cpu_env(monkeypatch, name: str, value: str | None) -> None:
+    """Sets (or, with None, removes) one of the extension's ``OMNISIFT_CPU_*`` variables through pytest's
+    ``monkeypatch`` and makes the extension read its settings again (it reads them once otherwise)."""
+    from ._ext import reload_cpu_settings
+
+    if value is None:
+        monkeypatch.delenv(name, raising=False)
+    else:
+        monkeypatch.setenv(name, value)
+    reload_cpu_settings()

@@ -69,3 +69,13 @@ def seed() -> int:
 def device() -> torch.device:
     """The device fast paths are tested on: CUDA when present, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(autouse=True)
+def _cpu_settings_follow_the_environment():
+    """After every test (and after ``monkeypatch`` restored the environment: this fixture is set up
+    first, so torn down last), the extension reads its ``OMNISIFT_CPU_*`` settings again."""
+    yield
+    from omnisift_kernels._ext import reload_cpu_settings
+
+    reload_cpu_settings()

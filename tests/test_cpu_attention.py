@@ -13,6 +13,7 @@ from omnisift_kernels.presets import PRESETS
 from omnisift_kernels.selector import VisionGuidedAudioSelector, heads_attention
 from omnisift_kernels.synthetic import clip_row, make_batch
 from omnisift_kernels.testing import tolerance
+from omnisift_kernels.testing import set_cpu_env
 
 available = ext_has_kernel("chunk_attention_cpu", "CPU") and bool(torch.ops.omnisift.chunk_attention_cpu_available())
 needs_kernel = pytest.mark.skipif(not available, reason="needs the extension's AVX-512 CPU kernels")
@@ -151,7 +152,7 @@ def test_dispatch(monkeypatch):
     with pytest.raises(ValueError, match="OMNISIFT_CPU_ATTENTION must be auto or sdpa"):
         cpu_attention.attention(q, k, v, mask, 2)
     monkeypatch.setenv("OMNISIFT_CPU_ATTENTION", "auto")
-    monkeypatch.setenv("OMNISIFT_CPU_ISA", "avx2")  # below AVX-512: no kernel, SDPA
+    set_cpu_env(monkeypatch, "OMNISIFT_CPU_ISA", "avx2")  # below AVX-512: no kernel, SDPA
     assert not cpu_attention.kernel_serves(q, k, v, 2)
 
 

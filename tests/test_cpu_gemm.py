@@ -12,6 +12,7 @@ from omnisift_kernels import PRESETS, VisionGuidedAudioSelector, compress, cpu_g
 from omnisift_kernels._ext import ext_has_kernel
 from omnisift_kernels.synthetic import clip_row, make_batch
 from omnisift_kernels.testing import near_tie_differences, tolerance
+from omnisift_kernels.testing import set_cpu_env
 
 ONEDNN = cpu_gemm._onednn_linear_available()
 POLICIES = [("aten", "native"), ("auto", "auto"), ("aten", "fp32"), ("onednn", "native"), ("onednn", "fp32")]
@@ -169,9 +170,9 @@ needs_gather = pytest.mark.skipif(not ext_has_kernel("varlen_gather", "CPU"), re
 @pytest.mark.parametrize("hugepages", ["1", "0"])
 @pytest.mark.parametrize("rows", [5, 600, 9000])  # 2.4 MB: cached; 36.9 MB: cached, huge pages when new
 def test_large_outputs_are_ordinary_tensors(monkeypatch, hugepages, rows, cache_mb):
-    monkeypatch.setenv("OMNISIFT_CPU_HUGEPAGES", hugepages)
+    set_cpu_env(monkeypatch, "OMNISIFT_CPU_HUGEPAGES", hugepages)
     if cache_mb is not None:
-        monkeypatch.setenv("OMNISIFT_CPU_OUTPUT_CACHE_MB", cache_mb)
+        set_cpu_env(monkeypatch, "OMNISIFT_CPU_OUTPUT_CACHE_MB", cache_mb)
     src = torch.randn(10000, 1024)
     idx = torch.randint(0, 10000, (rows,))
     out = torch.ops.omnisift.varlen_gather(src, idx)
@@ -191,7 +192,7 @@ def _cache_bytes() -> int:
 
 @pytest.fixture
 def empty_output_cache(monkeypatch):
-    monkeypatch.delenv("OMNISIFT_CPU_OUTPUT_CACHE_MB", raising=False)
+    set_cpu_env(monkeypatch, "OMNISIFT_CPU_OUTPUT_CACHE_MB", None)
     torch.ops.omnisift.release_cpu_output_cache()
     yield
     torch.ops.omnisift.release_cpu_output_cache()
@@ -234,12 +235,12 @@ def test_freed_outputs_are_cached_and_reused(empty_output_cache):
 @needs_gather
 def test_output_cache_default_limit(monkeypatch):
     """Unset, the limit is 1/16 of the physical memory within [256 MiB, 4 GiB]; the variable overrides it."""
-    monkeypatch.delenv("OMNISIFT_CPU_OUTPUT_CACHE_MB", raising=False)
+    set_cpu_env(monkeypatch, "OMNISIFT_CPU_OUTPUT_CACHE_MB", None)
     physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     assert torch.ops.omnisift.cpu_output_cache_limit() == min(4096 * MIB, max(256 * MIB, physical // 16))
-    monkeypatch.setenv("OMNISIFT_CPU_OUTPUT_CACHE_MB", "300")
+    set_cpu_env(monkeypatch, "OMNISIFT_CPU_OUTPUT_CACHE_MB", "300")
     assert torch.ops.omnisift.cpu_output_cache_limit() == 300 * MIB
-    monkeypatch.setenv("OMNISIFT_CPU_OUTPUT_CACHE_MB", "off")
+    set_cpu_env(monkeypatch, "OMNISIFT_CPU_OUTPUT_CACHE_MB", "off")
     assert torch.ops.omnisift.cpu_output_cache_limit() == 0
 
 
@@ -247,7 +248,7 @@ def test_output_cache_default_limit(monkeypatch):
 def test_output_cache_limit_and_off(empty_output_cache, monkeypatch):
     src = torch.randn(4096, 1024)
     idx = torch.arange(1000)
-    monkeypatch.setenv("OMNISIFT_CPU_OUTPUT_CACHE_MB", "9")
+    set_cpu_env(monkeypatch, "OMNISIFT_CPU_OUTPUT_CACHE_MB", "9")
     a, b, c = (torch.ops.omnisift.varlen_gather(src, idx) for _ in range(3))  # three 4 MiB blocks
     kept = {b.data_ptr(), c.data_ptr()}
     del a, b, c  # freed in this order: the third block pushes the first out of a 9 MiB cache
@@ -257,13 +258,13 @@ def test_output_cache_limit_and_off(empty_output_cache, monkeypatch):
     assert _cache_bytes() == 0
     del reuse
     for off in ("0", "off", "-3"):
-        monkeypatch.setenv("OMNISIFT_CPU_OUTPUT_CACHE_MB", off)
+        set_cpu_env(monkeypatch, "OMNISIFT_CPU_OUTPUT_CACHE_MB", off)
         torch.ops.omnisift.release_cpu_output_cache()
         out = torch.ops.omnisift.varlen_gather(src, idx)
         assert torch.equal(out, src[idx])
         del out
         assert _cache_bytes() == 0
-    monkeypatch.setenv("OMNISIFT_CPU_OUTPUT_CACHE_MB", "2")  # a 4 MiB block exceeds the limit: freed
+    set_cpu_env(monkeypatch, "OMNISIFT_CPU_OUTPUT_CACHE_MB", "2")  # a 4 MiB block exceeds the limit: freed
     out = torch.ops.omnisift.varlen_gather(src, idx)
     del out
     assert _cache_bytes() == 0
@@ -345,7 +346,7 @@ def test_gather_ste_forward_uses_the_extension_exactly(monkeypatch):
     idx = torch.randperm(10000)[:9000].sort().values
     scores = torch.rand(2, 5000)
     for hp in ("1", "0"):
-        monkeypatch.setenv("OMNISIFT_CPU_HUGEPAGES", hp)
+        set_cpu_env(monkeypatch, "OMNISIFT_CPU_HUGEPAGES", hp)
         assert torch.equal(gather_ste(x, idx, scores), x.flatten(0, 1)[idx])
     # A view whose rows do not merge: the torch path, same values.
     xt = torch.randn(5000, 2, 1024).transpose(0, 1)

@@ -12,6 +12,7 @@ from omnisift_kernels._ext import ext_has_kernel
 from omnisift_kernels.ops import frame_pair_similarity, frame_saliency, video_scores
 from omnisift_kernels.ops import video as video_ops
 from omnisift_kernels.testing import assert_close_scores, random_layout
+from omnisift_kernels.testing import set_cpu_env
 
 pytestmark = pytest.mark.skipif(
     not ext_has_kernel("video_scores_cpu", "CPU"), reason="the extension's CPU kernels are not built"
@@ -35,7 +36,7 @@ ISAS = ["base", "avx2", "avx512"]
 @pytest.fixture(params=ISAS)
 def cpu_isa(request, monkeypatch):
     """Caps the kernels' instruction set (read per call); machines without it run the best below."""
-    monkeypatch.setenv("OMNISIFT_CPU_ISA", request.param)
+    set_cpu_env(monkeypatch, "OMNISIFT_CPU_ISA", request.param)
     return request.param
 
 
@@ -127,11 +128,11 @@ def test_unfusable_segments_equal_the_torch_path(dtype, cpu_isa):
 def test_isa_cap_is_honoured(monkeypatch):
     best = torch.ops.omnisift.cpu_kernels_isa()
     assert best in ISAS
-    monkeypatch.setenv("OMNISIFT_CPU_ISA", "base")
+    set_cpu_env(monkeypatch, "OMNISIFT_CPU_ISA", "base")
     assert torch.ops.omnisift.cpu_kernels_isa() == "base"
-    monkeypatch.setenv("OMNISIFT_CPU_ISA", "avx2")
+    set_cpu_env(monkeypatch, "OMNISIFT_CPU_ISA", "avx2")
     assert torch.ops.omnisift.cpu_kernels_isa() in ("base", "avx2")
-    monkeypatch.setenv("OMNISIFT_CPU_ISA", "sse9")
+    set_cpu_env(monkeypatch, "OMNISIFT_CPU_ISA", "sse9")
     with pytest.raises(ValueError, match="OMNISIFT_CPU_ISA"):
         torch.ops.omnisift.cpu_kernels_isa()
 
