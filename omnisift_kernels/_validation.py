@@ -76,6 +76,8 @@ def check_compress_inputs(
         raise ValueError(f"{op}: inputs_embeds must be [B, L, D], got shape {tuple(inputs_embeds.shape)}")
     B, L, D = inputs_embeds.shape
     dev = inputs_embeds.device
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"{op}: inputs_embeds must be on a CPU or CUDA device, got {dev}")
 
     def _int_tensor(name, t, shape, dtypes=None):
         if not isinstance(t, torch.Tensor):

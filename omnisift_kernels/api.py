@@ -93,6 +93,11 @@ def compress(
         raise ValueError(
             f"{op}: selector.d_model={selector.d_model} does not match inputs_embeds' D={inputs_embeds.shape[-1]}"
         )
+    if selector is not None:
+        where = {p.device for p in selector.parameters()}
+        if where != {inputs_embeds.device}:
+            raise ValueError(f"{op}: selector's parameters must be on {inputs_embeds.device} (the device of "
+                             f"inputs_embeds), got {sorted(str(d) for d in where)}")
     backend = resolve_backend(op, backend, inputs_embeds.device)
     if validate is None:
         validate = backend == "reference" or grid is None

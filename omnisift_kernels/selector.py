@@ -25,11 +25,14 @@ class VisionGuidedAudioSelector(nn.Module):
 
     def __init__(self, d_model: int, num_heads: int = 8, hidden_dim: int = 512) -> None:
         super().__init__()
-        if not isinstance(d_model, int) or d_model <= 0:
+        def is_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if not is_int(d_model) or d_model <= 0:
             raise ValueError(f"VisionGuidedAudioSelector: d_model must be a positive int, got {d_model!r}")
-        if not isinstance(hidden_dim, int) or hidden_dim < 2:
+        if not is_int(hidden_dim) or hidden_dim < 2:
             raise ValueError(f"VisionGuidedAudioSelector: hidden_dim must be an int >= 2, got {hidden_dim!r}")
-        if not isinstance(num_heads, int) or num_heads <= 0 or hidden_dim % num_heads:
+        if not is_int(num_heads) or num_heads <= 0 or hidden_dim % num_heads:
             raise ValueError(
                 f"VisionGuidedAudioSelector: num_heads must be a positive divisor of hidden_dim={hidden_dim}, "
                 f"got {num_heads!r}"

@@ -194,6 +194,25 @@ case("backend='gpu'", lambda be: _compress("gpu"), rejects(ValueError, API, "bac
 case("selector a dict", lambda be: _compress(be, selector={}), rejects(TypeError, API, "selector"))
 case("selector of another width", lambda be: _compress(be, selector=VisionGuidedAudioSelector(8, 2, 8)),
      rejects(ValueError, API, "selector", "d_model"))
+case("inputs on the meta device", lambda be: _compress(be, inputs_embeds=B0.inputs_embeds.to("meta"),
+                                                       input_ids=B0.input_ids.to("meta"),
+                                                       position_ids=B0.position_ids.to("meta"),
+                                                       attention_mask=B0.attention_mask.to("meta"),
+                                                       labels=B0.labels.to("meta")),
+     rejects(ValueError, API, "inputs_embeds", "CPU or CUDA"))
+case("selector on the meta device", lambda be: _compress(be, selector=VisionGuidedAudioSelector(D, 2, 8).to("meta")),
+     rejects(ValueError, API, "selector", "meta"))
+case("selector in float64, embeddings in float32", lambda be: _compress(be, selector=_selector().double()))
+case("attention_mask with 2s and -1s (nonzero = valid)", lambda be: _compress(
+    be, attention_mask=B0.attention_mask * torch.tensor([[2], [-1]])))
+case("input_ids beyond int32 (match nothing)", lambda be: _compress(be, input_ids=B0.input_ids + 2**33))
+case("labels int32", lambda be: _compress(be, labels=B0.labels.int()))
+case("rho 0 for both", lambda be: _compress(be, rho_video=0.0, rho_audio=0.0))
+case("rho 0.999 for both", lambda be: _compress(be, rho_video=0.999, rho_audio=0.999))
+case("D = 1 without selector", lambda be: _compress(be, inputs_embeds=B0.inputs_embeds[..., :1].contiguous(),
+                                                    selector=None))
+case("VisionGuidedAudioSelector(d_model=True)", lambda be: VisionGuidedAudioSelector(True),
+     rejects(ValueError, "VisionGuidedAudioSelector", "d_model"))
 case("validate='yes'", lambda be: _compress(be, validate="yes"), rejects(TypeError, API, "validate"))
 
 # ---- compress: values ---------------------------------------------------------------------------------
