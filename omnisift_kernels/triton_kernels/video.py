@@ -317,32 +317,31 @@ def _cosine_kernel(
 def _cos_blocks(D: int, fused: bool, device: torch.device) -> tuple[int, int, int]:
     """``(BLOCK_T, BLOCK_D, num_warps)`` of ``_cosine_kernel``.
 
-    GPU: with fp32 accumulators, SALIENCY/PAIR ``[4, 256]`` x 4 warps took 64 registers and FUSED
-    ``[2, 256]`` 72 (sm_90, ptxas, no spills). The accumulators are fp64 now (cosines within an ulp of
-    the exact value, so every backend ranks near ties alike), twice the registers per element, so
-    the GPU tiles are ``[4, 128]`` / ``[2, 128]``: about the same registers (not yet checked with
-    ptxas: no GPU was at hand). Fewer features: more rows per tile. The interpreter gets big tiles
-    (fewer, vectorized programs).
+    GPU: ``BLOCK_D = min(128, next_pow2(D))`` and a tile of 512 elements (SALIENCY/PAIR, three
+    accumulators) or 256 (FUSED, five), i.e. ``[4, 128]`` / ``[2, 128]`` at the model's D, x 4
+    warps: 4 or 2 accumulator elements per thread, in fp64 or as compensated fp32 pairs alike. The
+    registers, spills and occupancy of every configuration, for sm_80 and sm_90, are in
+    ``bench/results/aot.txt`` (``python -m bench.aot``; tiles of 1024 elements spilled in FUSED).
+    Fewer features: more rows per tile. The interpreter gets big tiles (fewer, vectorized programs).
     """
     block_d = min(256, next_pow2(D))
     if device.type == "cpu" and interpreting():
         return max(8, min(64, 2048 // block_d)), block_d, 4
     block_d = min(128, block_d)
-    base_t = 2 if fused else 4
-    return max(base_t, min(64, 1024 // block_d)), block_d, 4
+    return max(1, min(64, (256 if fused else 512) // block_d)), block_d, 4
 
 
 def _mean_blocks(S: int, D: int, device: torch.device) -> tuple[int, int]:
-    """``(BLOCK_T, BLOCK_D)`` of ``_segment_mean_kernel`` (GPU, fp32 accumulator: ``[8, 256]`` x 4
-    warps = 78 registers, ``[16, 256]`` 166; the accumulator is fp64 now, so at most ``[8, 128]``,
-    not yet checked with ptxas). Narrower feature slices when there are few segments."""
+    """``(BLOCK_T, BLOCK_D)`` of ``_segment_mean_kernel``: on the GPU a tile of 1024 elements,
+    ``[8, 128]`` at the model's D (registers per configuration: ``bench/results/aot.txt``).
+    Narrower feature slices when there are few segments."""
     block_d = min(256 if device.type == "cpu" else 128, next_pow2(D))
     # enough programs to fill an H100 (132 SMs) when there are few segments
     while block_d > 64 and S * triton.cdiv(D, block_d) < 264:
         block_d //= 2
     if device.type == "cpu" and interpreting():
         return max(8, min(64, 4096 // block_d)), block_d
-    return max(8, min(64, 2048 // block_d)), block_d
+    return max(8, min(64, 1024 // block_d)), block_d
 
 
 ACCUMULATION_MODES = ("fp64", "compensated")
