@@ -12,6 +12,31 @@ Cosine (``F.cosine_similarity`` in torch 2.13, eps = 1e-8)::
 so a zero vector scores exactly 0 and never NaN. Every sum is accumulated in fp64 and the cosine
 rounded to fp32, as the reference and the CPU kernels do, so near ties rank alike on every backend.
 
+Accumulation modes (constexpr ``COMPENSATED``; launchers' ``accumulation=`` argument):
+
+* ``"fp64"``: fp64 register tiles. Free on GPUs with full-rate fp64 (A100, H100/H200, B200).
+* ``"compensated"``: for GPUs whose fp64 runs at 1/32-1/64 of fp32 (L4, L40, A10, A40, T4, RTX),
+  where fp64 tiles could make the memory-bound pass compute-bound. Each tile element keeps an fp32
+  pair ``(hi, lo)``: products are split exactly with an fma (``a*b = p + fma(a, b, -p)``), sums with
+  Knuth's TwoSum, errors collected in ``lo`` (Ogita-Rump-Oishi Dot2; ~10 fp32 operations per
+  product instead of one fp64 fma). After the loop each lane's pairs are widened and summed in fp64
+  (``BLOCK_T*BLOCK_D`` fp64 adds per program, not per element), and the cosine is formed in fp64 as
+  before. The segment means are stored as fp32 ``hi + lo`` pairs (``[S, 2, D]``). The partial sums
+  are then within ~2^-45 relative of the fp64 ones, so the fp32 cosines equal the fp64 mode's except
+  when the exact value lies that close to an fp32 rounding boundary: masks equal the reference's up
+  to the documented near ties (``testing.near_tie_differences``). Launched with
+  ``enable_fp_fusion=False`` so that no add/multiply pair is contracted into an fma.
+
+Rule (:func:`accumulation_mode`): ``OMNISIFT_VIDEO_ACCUMULATION=fp64|compensated|auto`` overrides;
+under ``auto`` a CUDA device whose compute capability is in :data:`FAST_FP64_CAPABILITIES` (6.0, 7.0,
+8.0, 9.0, 10.0) runs ``"fp64"``, every other CUDA device ``"compensated"``, the CPU (interpreter)
+``"fp64"``. Tests force either mode through the argument.
+
+Bounds: every index read from ``token_index`` / ``pair_index`` / the pairing map is checked against
+``[0, B*L)`` and ``seg_offsets`` is clamped into ``[0, N]`` before use, so no load leaves ``x``
+whatever the indices hold; an out-of-range token reads as a zero row (cosine 0). The ops raise on
+such indices before launching; the masks make a bad launch memory-safe regardless.
+
 Kernels
 -------
 ``_segment_mean_kernel``  grid ``(S, cdiv(D, BLOCK_D))``. Program (s, j) sums the rows of segment s
