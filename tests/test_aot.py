@@ -43,14 +43,16 @@ def test_every_kernel_is_reached_by_the_launcher_sweep():
 
 def test_default_configurations_compile_without_spills(tmp_path):
     out = tmp_path / "aot.json"
-    # sm_90 only and omni7b-20s's shapes (--quick), to stay near a minute on CI's two cores; every
-    # configuration for sm_80 and sm_90 is in the committed table (bench/results/aot/).
-    proc = _run("--quick", "--arch", "90", "--no-cuda-ext", "--json", str(out))
+    # omni7b-20s's shapes in bf16 (--quick), about 40 s on CI's two cores; every configuration is
+    # in the committed table (bench/results/aot/).
+    proc = _run("--quick", "--no-cuda-ext", "--json", str(out))
     text = proc.stdout + proc.stderr
     rows = json.loads(out.read_text())["rows"]
     assert not [r for r in rows if "error" in r], text[-6000:]
-    assert {r["arch"] for r in rows} == {"sm_90"}
+    assert {r["arch"] for r in rows} == {"sm_80", "sm_90"}
     assert _jit_kernels_in_sources() <= {r["kernel"] for r in rows}
+    # gather.py's kernels are excluded here: their sm_80 backward spills 4 bytes (bench/results/aot/
+    # README.md) and that file belongs to other work; bench.aot itself still exits 1 on it.
     spills = [(r["kernel"], r["config"], r["arch"], r["spill_bytes"]) for r in rows
               if r["spill_bytes"] and r["default"] and r["module"].endswith((".video", ".select"))]
     assert not spills, spills
