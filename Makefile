@@ -64,6 +64,19 @@ clean:
 test-all: setup
 	TRITON_INTERPRET=1 $(VPY) -m pytest -q -p no:cacheprovider --benchmark-disable tests bench
 
-# On a CUDA machine: the suite with Triton compiled for the GPU (no interpreter); gpu tests run.
+# On a CUDA machine: the gpu tests, then the whole suite with Triton compiled for the GPU (no
+# interpreter), the benchmark and the prefill benchmark, the AOT table; results go to
+# bench/results/gpu-<device>-<commit>/ with the device, versions and commit. Without CUDA: says so, exit 0.
+GPU_OUT = bench/results/gpu-$$($(VPY) -c "import torch; print(torch.cuda.get_device_name().lower().replace(' ', '-'))")-$$(git rev-parse --short HEAD)
 test-gpu: setup
-	$(VPY) -m pytest -q -p no:cacheprovider -m "not slow" --benchmark-disable tests bench
+	@if ! $(VPY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
+		echo "make test-gpu: no CUDA device here (torch.cuda.is_available() is False): nothing to run"; exit 0; fi; \
+	out=$(GPU_OUT); mkdir -p $$out; \
+	$(VPY) -c "import torch, triton, omnisift_kernels as o; print(torch.cuda.get_device_name(), torch.cuda.get_device_capability(), 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__); print(o.build_info().summary())" | tee $$out/environment.txt; \
+	git rev-parse HEAD >> $$out/environment.txt; rc=0; \
+	$(VPY) -m pytest -q -p no:cacheprovider -m gpu --benchmark-disable tests 2>&1 | tee $$out/pytest-gpu.txt || rc=1; \
+	$(VPY) -m pytest -q -p no:cacheprovider -m "not slow" --benchmark-disable tests bench 2>&1 | tee $$out/pytest-all.txt || rc=1; \
+	$(VPY) -m bench --device cuda --json $$out/bench.json 2>&1 | tee $$out/bench.txt || rc=1; \
+	$(VPY) -m bench.prefill --device cuda --json $$out/prefill.json 2>&1 | tee $$out/prefill.txt || rc=1; \
+	$(VPY) -m bench.aot --json $$out/aot.json 2>&1 | tee $$out/aot.txt || rc=1; \
+	echo "make test-gpu: results in $$out"; exit $$rc

@@ -65,6 +65,30 @@ def seed() -> int:
     return value
 
 
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Says how many ``gpu`` tests were skipped (no CUDA device), so a CPU run cannot pass for a
+    GPU run."""
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if "gpu" in getattr(r, "keywords", {})]
+    if skipped:
+        terminalreporter.write_line(f"{len(skipped)} gpu tests skipped: no CUDA device "
+                                    f"(torch.cuda.is_available() is False); make test-gpu runs them on a GPU")
+
+
+def _cuda_params():
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return [f"cuda:{i}" for i in range(n)] or ["cuda"]
+
+
+@pytest.fixture(params=_cuda_params())
+def cuda_device(request) -> torch.device:
+    """Every CUDA device (``gpu`` tests; without CUDA the one ``"cuda"`` parameter is skipped)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    dev = torch.device(request.param)
+    torch.cuda.set_device(dev)
+    return dev
+
+
 @pytest.fixture
 def device() -> torch.device:
     """The device fast paths are tested on: CUDA when present, else the CPU."""

@@ -20,7 +20,12 @@ Grid ``(S,)``: one program per segment, ``n = seg_offsets[s+1] - seg_offsets[s]`
   (4096 keys: 78 compare-exchange stages, 16 keys per thread at 8 warps), then a scatter store
   ``out[start + pos(sorted[r])] = r < k``.
 * larger: blocked pairwise ranking over ``[TILE_I, TILE_J]`` tiles: O(n^2) compares but any size
-  works in the same launch (e.g. n = 8192 is 64M compares, ~ms on one SM).
+  works in the same launch (e.g. n = 8192 is 64M compares, ~ms on one SM). This branch is compiled
+  only when ``N > BLOCK`` (constexpr ``HAS_LARGE``): its ``[64, 128]`` int64 tile spilled at 4 warps
+  in the kernels of smaller launches where it can never run (``bench/results/aot.txt``).
+
+Bounds: the segment's ``[start, end)`` read from ``seg_offsets`` is clamped into ``[0, N]``, so no
+load or store leaves ``scores`` / ``out`` whatever the offsets hold (the ops validate them).
 
 Under the Triton interpreter (CPU) the defaults differ (see ``_default_blocks``): ``tl.sort`` is
 very slow there, so every segment is ranked pairwise with big tiles; tests force every branch.
@@ -87,13 +92,14 @@ def _pairwise_select(s_ptr, out_ptr, start, n, k, TILE_I: tl.constexpr, TILE_J: 
 
 @triton.jit
 def _topk_mask_kernel(
-    s_ptr, off_ptr, k_ptr, out_ptr,
+    s_ptr, off_ptr, k_ptr, out_ptr, N,
     SMALL: tl.constexpr, MID: tl.constexpr, BLOCK: tl.constexpr,
-    TILE_I: tl.constexpr, TILE_J: tl.constexpr,
+    TILE_I: tl.constexpr, TILE_J: tl.constexpr, HAS_LARGE: tl.constexpr,
 ):
     seg = tl.program_id(0)
-    start = tl.load(off_ptr + seg)
-    end = tl.load(off_ptr + seg + 1)
+    # Clamped into [0, N]: whatever seg_offsets holds, no load or store leaves scores / out.
+    start = tl.minimum(tl.maximum(tl.load(off_ptr + seg), 0), N)
+    end = tl.minimum(tl.maximum(tl.load(off_ptr + seg + 1), start), N)
     n = end - start
     k = tl.load(k_ptr + seg)
     if (k <= 0) | (k >= n):
@@ -106,7 +112,7 @@ def _topk_mask_kernel(
         _sort_select(s_ptr, out_ptr, start, n, k, MID)
     elif n <= BLOCK:
         _sort_select(s_ptr, out_ptr, start, n, k, BLOCK)
-    else:
+    elif HAS_LARGE:  # compiled only when a segment can exceed BLOCK (N > BLOCK)
         _pairwise_select(s_ptr, out_ptr, start, n, k, TILE_I, TILE_J)
 
 
@@ -153,9 +159,9 @@ def segmented_topk_mask_triton(scores, seg_offsets, k, *, out=None, small=None, 
         if value is not None:
             cfg[name] = value
     _topk_mask_kernel[(S,)](
-        scores.contiguous(), seg_offsets.contiguous(), k.contiguous(), out,
+        scores.contiguous(), seg_offsets.contiguous(), k.contiguous(), out, N,
         SMALL=cfg["small"], MID=cfg["mid"], BLOCK=cfg["block"],
-        TILE_I=cfg["tile_i"], TILE_J=cfg["tile_j"],
+        TILE_I=cfg["tile_i"], TILE_J=cfg["tile_j"], HAS_LARGE=N > cfg["block"],
         num_warps=8 if cfg["block"] >= 2048 else 4,
     )
     return out

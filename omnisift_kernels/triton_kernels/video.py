@@ -12,6 +12,31 @@ Cosine (``F.cosine_similarity`` in torch 2.13, eps = 1e-8)::
 so a zero vector scores exactly 0 and never NaN. Every sum is accumulated in fp64 and the cosine
 rounded to fp32, as the reference and the CPU kernels do, so near ties rank alike on every backend.
 
+Accumulation modes (constexpr ``COMPENSATED``; launchers' ``accumulation=`` argument):
+
+* ``"fp64"``: fp64 register tiles. Free on GPUs with full-rate fp64 (A100, H100/H200, B200).
+* ``"compensated"``: for GPUs whose fp64 runs at 1/32-1/64 of fp32 (L4, L40, A10, A40, T4, RTX),
+  where fp64 tiles could make the memory-bound pass compute-bound. Each tile element keeps an fp32
+  pair ``(hi, lo)``: products are split exactly with an fma (``a*b = p + fma(a, b, -p)``), sums with
+  Knuth's TwoSum, errors collected in ``lo`` (Ogita-Rump-Oishi Dot2; ~10 fp32 operations per
+  product instead of one fp64 fma). After the loop each lane's pairs are widened and summed in fp64
+  (``BLOCK_T*BLOCK_D`` fp64 adds per program, not per element), and the cosine is formed in fp64 as
+  before. The segment means are stored as fp32 ``hi + lo`` pairs (``[S, 2, D]``). The partial sums
+  are then within ~2^-45 relative of the fp64 ones, so the fp32 cosines equal the fp64 mode's except
+  when the exact value lies that close to an fp32 rounding boundary: masks equal the reference's up
+  to the documented near ties (``testing.near_tie_differences``). Launched with
+  ``enable_fp_fusion=False`` so that no add/multiply pair is contracted into an fma.
+
+Rule (:func:`accumulation_mode`): ``OMNISIFT_VIDEO_ACCUMULATION=fp64|compensated|auto`` overrides;
+under ``auto`` a CUDA device whose compute capability is in :data:`FAST_FP64_CAPABILITIES` (6.0, 7.0,
+8.0, 9.0, 10.0) runs ``"fp64"``, every other CUDA device ``"compensated"``, the CPU (interpreter)
+``"fp64"``. Tests force either mode through the argument.
+
+Bounds: every index read from ``token_index`` / ``pair_index`` / the pairing map is checked against
+``[0, B*L)`` and ``seg_offsets`` is clamped into ``[0, N]`` before use, so no load leaves ``x``
+whatever the indices hold; an out-of-range token reads as a zero row (cosine 0). The ops raise on
+such indices before launching; the masks make a bad launch memory-safe regardless.
+
 Kernels
 -------
 ``_segment_mean_kernel``  grid ``(S, cdiv(D, BLOCK_D))``. Program (s, j) sums the rows of segment s
@@ -46,6 +71,9 @@ plus the small int64 index traffic (``N*8`` bytes per index array) and, for the 
 """
 
 from __future__ import annotations
+
+import functools
+import os
 
 import torch
 import triton
@@ -82,15 +110,41 @@ def _find_segment(off_ptr, p, S, N_ITERS: tl.constexpr):
 
 
 @triton.jit
+def _two_sum(a, b):
+    """``(s, e)`` with ``s = fl(a + b)`` and ``s + e == a + b`` exactly (Knuth's TwoSum, fp32)."""
+    s = a + b
+    bb = s - a
+    return s, (a - (s - bb)) + (b - bb)
+
+
+@triton.jit
+def _acc_prod(hi, lo, a, b):
+    """Compensated ``(hi, lo) += a * b`` in fp32: the product's rounding error (an fma) and the
+    sum's (TwoSum) are collected in ``lo`` (Ogita-Rump-Oishi Dot2)."""
+    p = a * b
+    e = tl.fma(a, b, -p)
+    s, err = _two_sum(hi, p)
+    return s, lo + (err + e)
+
+
+@triton.jit
+def _in_rows(t, n_rows):
+    """Whether flat token ``t`` addresses a row of ``x`` (``0 <= t < B*L``)."""
+    return (t >= 0) & (t < n_rows)
+
+
+@triton.jit
 def _segment_mean_kernel(
     x_ptr, tok_ptr, off_ptr, pair_ptr, mean_ptr,
-    L, D, sxb, sxl, sxd,
-    HAS_PAIR: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    n_tok, n_rows, L, D, sxb, sxl, sxd,
+    HAS_PAIR: tl.constexpr, COMPENSATED: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     s = tl.program_id(0)
     pid_d = tl.program_id(1)
-    start = tl.load(off_ptr + s)
-    end = tl.load(off_ptr + s + 1)
+    # Clamped into [0, n_tok]: whatever seg_offsets holds, every index load stays in bounds.
+    start = tl.minimum(tl.maximum(tl.load(off_ptr + s), 0), n_tok)
+    end = tl.minimum(tl.maximum(tl.load(off_ptr + s + 1), start), n_tok)
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = d < D
     d_off = d.to(tl.int64) * sxd
@@ -104,18 +158,39 @@ def _segment_mean_kernel(
             pr = tl.load(pair_ptr + i, mask=i < end, other=0)
             need += (pr < 0).to(tl.int32)
         stop = tl.where(tl.sum(need, axis=0) > 0, end, start)
-    acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float64)
+    if COMPENSATED:
+        hi = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+        lo = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float64)
     for i0 in range(start, stop, BLOCK_T):
         i = i0 + lanes
         i_mask = i < stop
         t = tl.load(tok_ptr + i, mask=i_mask, other=0)
         row = _row_offset(t, L, sxb, sxl)
+        ok = i_mask & _in_rows(t, n_rows)
         v = tl.load(x_ptr + row[:, None] + d_off[None, :],
-                    mask=i_mask[:, None] & d_mask[None, :], other=0.0)
-        acc += v.to(tl.float64)
-    total = tl.sum(acc, axis=0)
+                    mask=ok[:, None] & d_mask[None, :], other=0.0)
+        if COMPENSATED:
+            hi, err = _two_sum(hi, v.to(tl.float32))
+            lo += err
+        else:
+            acc += v.to(tl.float64)
+    if COMPENSATED:
+        total = tl.sum(hi.to(tl.float64) + lo.to(tl.float64), axis=0)
+    else:
+        total = tl.sum(acc, axis=0)
     count = tl.maximum((end - start).to(tl.float64), 1.0)
-    tl.store(mean_ptr + s.to(tl.int64) * D + d, total / count, mask=d_mask)
+    mean = total / count
+    if COMPENSATED:
+        # [S, 2, D] fp32: the mean as hi + lo (exact to ~2^-48 relative), read by _cosine_kernel.
+        m_hi = mean.to(tl.float32)
+        m_lo = (mean - m_hi.to(tl.float64)).to(tl.float32)
+        base = s.to(tl.int64) * 2 * D + d
+        tl.store(mean_ptr + base, m_hi, mask=d_mask)
+        tl.store(mean_ptr + base + D, m_lo, mask=d_mask)
+    else:
+        tl.store(mean_ptr + s.to(tl.int64) * D + d, mean, mask=d_mask)
 
 
 @triton.jit
@@ -126,12 +201,13 @@ def _cos_from_sums(dot, na2, nb2, EPS: tl.constexpr):
 @triton.jit
 def _cosine_kernel(
     x_ptr, a_ptr, b_ptr, off_ptr, mean_ptr, rev_ptr, claimed_ptr, out_ptr,
-    n_lanes, S, L, D, sxb, sxl, sxd,
-    MODE: tl.constexpr, N_ITERS: tl.constexpr,
+    n_lanes, n_rows, S, L, D, sxb, sxl, sxd,
+    MODE: tl.constexpr, COMPENSATED: tl.constexpr, N_ITERS: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, EPS: tl.constexpr,
 ):
     # a_ptr: the lane's own token (token_index, or second_index for PAIR);
     # b_ptr: pair_index (FUSED) or first_index (PAIR); unused for SALIENCY.
+    # A token outside [0, n_rows) is read as a zero row (its cosine is 0): no load leaves x.
     p = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     p_mask = p < n_lanes
     ta = tl.load(a_ptr + p, mask=p_mask, other=0)
@@ -139,13 +215,13 @@ def _cosine_kernel(
     if MODE == 0:  # SALIENCY
         seg = _find_segment(off_ptr, p, S, N_ITERS)
         use_a = p_mask
-        use_mean = p_mask
+        use_mean = p_mask & (seg < S)
     elif MODE == 1:  # PAIR
         seg = p
         tb = tl.load(b_ptr + p, mask=p_mask, other=0)
         row_b = _row_offset(tb, L, sxb, sxl)
         use_a = p_mask
-        use_b = p_mask
+        use_b = p_mask & _in_rows(tb, n_rows)
     else:  # FUSED
         seg = _find_segment(off_ptr, p, S, N_ITERS)
         pr = tl.load(b_ptr + p, mask=p_mask, other=0)
@@ -153,50 +229,108 @@ def _cosine_kernel(
         q = tl.load(rev_ptr + p, mask=p_mask, other=-1)
         sal = pr < 0
         use_a = p_mask & (~claimed)
-        use_mean = use_a & sal
-        use_b = use_a & (~sal)
-        use_c = p_mask & sal & (q >= 0)
+        use_mean = use_a & sal & (seg < S)
+        use_b = use_a & (~sal) & _in_rows(pr, n_rows)
+        use_c = p_mask & sal & (q >= 0) & (q < n_lanes)
         row_b = _row_offset(tl.where(use_b, pr, 0), L, sxb, sxl)
         tq = tl.load(a_ptr + tl.where(use_c, q, 0), mask=use_c, other=0)
         row_c = _row_offset(tq, L, sxb, sxl)
-    mean_row = seg.to(tl.int64) * D
+        load_c = use_c & _in_rows(tq, n_rows)
+    load_a = use_a & _in_rows(ta, n_rows)
+    if COMPENSATED:
+        mean_row = seg.to(tl.int64) * 2 * D
+    else:
+        mean_row = seg.to(tl.int64) * D
 
-    dot = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float64)
-    na2 = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float64)
-    nb2 = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float64)
-    if MODE == 2:
-        dotc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float64)
-        nc2 = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float64)
+    if COMPENSATED:
+        # (hi, lo) fp32 pairs; combined in fp64 once per lane after the loop.
+        dot_h = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+        dot_l = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+        na_h = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+        na_l = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+        nb_h = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+        nb_l = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+        if MODE == 2:
+            dc_h = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+            dc_l = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+            nc_h = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+            nc_l = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    else:
+        dot = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float64)
+        na2 = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float64)
+        nb2 = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float64)
+        if MODE == 2:
+            dotc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float64)
+            nc2 = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float64)
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         d_mask = (d < D)[None, :]
         d_off = d.to(tl.int64)[None, :] * sxd
-        va = tl.load(x_ptr + row_a[:, None] + d_off, mask=use_a[:, None] & d_mask,
-                     other=0.0).to(tl.float64)
-        if MODE == 0:
-            vb = tl.load(mean_ptr + mean_row[:, None] + d[None, :],
-                         mask=use_mean[:, None] & d_mask, other=0.0)
-        elif MODE == 1:
-            vb = tl.load(x_ptr + row_b[:, None] + d_off, mask=use_b[:, None] & d_mask,
-                         other=0.0).to(tl.float64)
+        if COMPENSATED:
+            va = tl.load(x_ptr + row_a[:, None] + d_off, mask=load_a[:, None] & d_mask,
+                         other=0.0).to(tl.float32)
+            if MODE == 1:
+                vb = tl.load(x_ptr + row_b[:, None] + d_off, mask=use_b[:, None] & d_mask,
+                             other=0.0).to(tl.float32)
+                vb_lo = tl.zeros_like(vb)
+            else:
+                # the mean as hi + lo; in FUSED exactly one of mean / partner row is live per lane.
+                vb = tl.load(mean_ptr + mean_row[:, None] + d[None, :],
+                             mask=use_mean[:, None] & d_mask, other=0.0)
+                vb_lo = tl.load(mean_ptr + mean_row[:, None] + D + d[None, :],
+                                mask=use_mean[:, None] & d_mask, other=0.0)
+                if MODE == 2:
+                    vb += tl.load(x_ptr + row_b[:, None] + d_off, mask=use_b[:, None] & d_mask,
+                                  other=0.0).to(tl.float32)
+                    vc = tl.load(x_ptr + row_c[:, None] + d_off, mask=load_c[:, None] & d_mask,
+                                 other=0.0).to(tl.float32)
+                    dc_h, dc_l = _acc_prod(dc_h, dc_l, va, vc)
+                    nc_h, nc_l = _acc_prod(nc_h, nc_l, vc, vc)
+            dot_h, dot_l = _acc_prod(dot_h, dot_l, va, vb)
+            dot_l += va * vb_lo
+            na_h, na_l = _acc_prod(na_h, na_l, va, va)
+            nb_h, nb_l = _acc_prod(nb_h, nb_l, vb, vb)
+            nb_l += 2.0 * vb * vb_lo
         else:
-            # exactly one of the two masked loads is live per lane; the other contributes 0.
-            vb = tl.load(mean_ptr + mean_row[:, None] + d[None, :],
-                         mask=use_mean[:, None] & d_mask, other=0.0)
-            vb += tl.load(x_ptr + row_b[:, None] + d_off, mask=use_b[:, None] & d_mask,
-                          other=0.0).to(tl.float64)
-            vc = tl.load(x_ptr + row_c[:, None] + d_off, mask=use_c[:, None] & d_mask,
+            va = tl.load(x_ptr + row_a[:, None] + d_off, mask=load_a[:, None] & d_mask,
                          other=0.0).to(tl.float64)
-            dotc += va * vc
-            nc2 += vc * vc
-        dot += va * vb
-        na2 += va * va
-        nb2 += vb * vb
-    na2_r = tl.sum(na2, axis=1)
-    cos = _cos_from_sums(tl.sum(dot, axis=1), na2_r, tl.sum(nb2, axis=1), EPS)
+            if MODE == 0:
+                vb = tl.load(mean_ptr + mean_row[:, None] + d[None, :],
+                             mask=use_mean[:, None] & d_mask, other=0.0)
+            elif MODE == 1:
+                vb = tl.load(x_ptr + row_b[:, None] + d_off, mask=use_b[:, None] & d_mask,
+                             other=0.0).to(tl.float64)
+            else:
+                # exactly one of the two masked loads is live per lane; the other contributes 0.
+                vb = tl.load(mean_ptr + mean_row[:, None] + d[None, :],
+                             mask=use_mean[:, None] & d_mask, other=0.0)
+                vb += tl.load(x_ptr + row_b[:, None] + d_off, mask=use_b[:, None] & d_mask,
+                              other=0.0).to(tl.float64)
+                vc = tl.load(x_ptr + row_c[:, None] + d_off, mask=load_c[:, None] & d_mask,
+                             other=0.0).to(tl.float64)
+                dotc += va * vc
+                nc2 += vc * vc
+            dot += va * vb
+            na2 += va * va
+            nb2 += vb * vb
+    if COMPENSATED:
+        dot_r = tl.sum(dot_h.to(tl.float64) + dot_l.to(tl.float64), axis=1)
+        na2_r = tl.sum(na_h.to(tl.float64) + na_l.to(tl.float64), axis=1)
+        nb2_r = tl.sum(nb_h.to(tl.float64) + nb_l.to(tl.float64), axis=1)
+    else:
+        dot_r = tl.sum(dot, axis=1)
+        na2_r = tl.sum(na2, axis=1)
+        nb2_r = tl.sum(nb2, axis=1)
+    cos = _cos_from_sums(dot_r, na2_r, nb2_r, EPS)
     tl.store(out_ptr + p, cos.to(tl.float32), mask=use_a)
     if MODE == 2:
-        cos_c = _cos_from_sums(tl.sum(dotc, axis=1), tl.sum(nc2, axis=1), na2_r, EPS)
+        if COMPENSATED:
+            dc_r = tl.sum(dc_h.to(tl.float64) + dc_l.to(tl.float64), axis=1)
+            nc2_r = tl.sum(nc_h.to(tl.float64) + nc_l.to(tl.float64), axis=1)
+        else:
+            dc_r = tl.sum(dotc, axis=1)
+            nc2_r = tl.sum(nc2, axis=1)
+        cos_c = _cos_from_sums(dc_r, nc2_r, na2_r, EPS)
         tl.store(out_ptr + tl.where(use_c, q, 0), cos_c.to(tl.float32), mask=use_c)
 
 
@@ -208,32 +342,76 @@ def _cosine_kernel(
 def _cos_blocks(D: int, fused: bool, device: torch.device) -> tuple[int, int, int]:
     """``(BLOCK_T, BLOCK_D, num_warps)`` of ``_cosine_kernel``.
 
-    GPU: with fp32 accumulators, SALIENCY/PAIR ``[4, 256]`` x 4 warps took 64 registers and FUSED
-    ``[2, 256]`` 72 (sm_90, ptxas, no spills). The accumulators are fp64 now (cosines within an ulp of
-    the exact value, so every backend ranks near ties alike), twice the registers per element, so
-    the GPU tiles are ``[4, 128]`` / ``[2, 128]``: about the same registers (not yet checked with
-    ptxas: no GPU was at hand). Fewer features: more rows per tile. The interpreter gets big tiles
-    (fewer, vectorized programs).
+    GPU: ``BLOCK_D = min(128, next_pow2(D))`` and a tile of 512 elements (SALIENCY/PAIR, three
+    accumulators) or 256 (FUSED, five), i.e. ``[4, 128]`` / ``[2, 128]`` at the model's D, x 4
+    warps: 4 or 2 accumulator elements per thread, in fp64 or as compensated fp32 pairs alike. The
+    registers, spills and occupancy of every configuration, for sm_80 and sm_90, are in
+    ``bench/results/aot.txt`` (``python -m bench.aot``; tiles of 1024 elements spilled in FUSED).
+    Fewer features: more rows per tile. The interpreter gets big tiles (fewer, vectorized programs).
     """
     block_d = min(256, next_pow2(D))
     if device.type == "cpu" and interpreting():
         return max(8, min(64, 2048 // block_d)), block_d, 4
     block_d = min(128, block_d)
-    base_t = 2 if fused else 4
-    return max(base_t, min(64, 1024 // block_d)), block_d, 4
+    return max(1, min(64, (256 if fused else 512) // block_d)), block_d, 4
 
 
 def _mean_blocks(S: int, D: int, device: torch.device) -> tuple[int, int]:
-    """``(BLOCK_T, BLOCK_D)`` of ``_segment_mean_kernel`` (GPU, fp32 accumulator: ``[8, 256]`` x 4
-    warps = 78 registers, ``[16, 256]`` 166; the accumulator is fp64 now, so at most ``[8, 128]``,
-    not yet checked with ptxas). Narrower feature slices when there are few segments."""
+    """``(BLOCK_T, BLOCK_D)`` of ``_segment_mean_kernel``: on the GPU a tile of 1024 elements,
+    ``[8, 128]`` at the model's D (registers per configuration: ``bench/results/aot.txt``).
+    Narrower feature slices when there are few segments."""
     block_d = min(256 if device.type == "cpu" else 128, next_pow2(D))
     # enough programs to fill an H100 (132 SMs) when there are few segments
     while block_d > 64 and S * triton.cdiv(D, block_d) < 264:
         block_d //= 2
     if device.type == "cpu" and interpreting():
         return max(8, min(64, 4096 // block_d)), block_d
-    return max(8, min(64, 2048 // block_d)), block_d
+    return max(8, min(64, 1024 // block_d)), block_d
+
+
+ACCUMULATION_MODES = ("fp64", "compensated")
+ACCUMULATION_ENV = "OMNISIFT_VIDEO_ACCUMULATION"
+# (major, minor) compute capabilities whose fp64 rate is half of (or close to) the fp32 rate:
+# P100, V100, A100/A30, H100/H200/GH200, B200/GB200. Every other CUDA device (consumer and
+# workstation cards, L4/L40/A10/A40/T4, Jetson, B300's reduced fp64) runs fp64 at 1/32-1/64.
+FAST_FP64_CAPABILITIES = frozenset({(6, 0), (7, 0), (8, 0), (9, 0), (10, 0)})
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def accumulation_mode(device: torch.device) -> str:
+    """How the video kernels accumulate on ``device``: ``"fp64"`` or ``"compensated"``.
+
+    Rule: ``OMNISIFT_VIDEO_ACCUMULATION`` (``fp64`` | ``compensated`` | ``auto``, read on every
+    call) overrides; under ``auto`` (or unset) a CUDA device whose compute capability is in
+    :data:`FAST_FP64_CAPABILITIES` gets ``"fp64"``, any other CUDA device ``"compensated"``, and the
+    CPU (the interpreter) ``"fp64"``. The capability is a cached host query (no device sync).
+    """
+    env = os.environ.get(ACCUMULATION_ENV, "auto").strip().lower() or "auto"
+    if env in ACCUMULATION_MODES:
+        return env
+    if env != "auto":
+        raise ValueError(f"{ACCUMULATION_ENV} must be fp64, compensated or auto, got {env!r}")
+    if device.type != "cuda":
+        return "fp64"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return "fp64" if _capability(index) in FAST_FP64_CAPABILITIES else "compensated"
+
+
+def _compensated(op: str, device: torch.device, accumulation) -> bool:
+    mode = accumulation_mode(device) if accumulation is None else accumulation
+    if mode not in ACCUMULATION_MODES:
+        raise ValueError(f"{op}: accumulation must be one of {ACCUMULATION_MODES} or None, got {mode!r}")
+    return mode == "compensated"
+
+
+def _launch_options(compensated: bool) -> dict:
+    """Compensated arithmetic needs every fp32 add and multiply rounded as written: no fma
+    contraction (the fmas it needs are explicit)."""
+    return {"enable_fp_fusion": False} if compensated else {}
 
 
 def _check_out(out, n, name):
@@ -245,23 +423,26 @@ def _check_out(out, n, name):
     return out
 
 
-def _segment_means(x, tok, off, pair):
+def _segment_means(x, tok, off, pair, compensated):
     B, L, D = x.shape
     S = off.numel() - 1
-    mean = torch.empty((S, D), dtype=torch.float64, device=x.device)
-    if S == 0:
+    # fp64 [S, D]; compensated: fp32 [S, 2, D] (the mean as hi + lo, see _segment_mean_kernel).
+    mean = (torch.empty((S, 2, D), dtype=torch.float32, device=x.device) if compensated
+            else torch.empty((S, D), dtype=torch.float64, device=x.device))
+    if S <= 0:
         return mean
     block_t, block_d = _mean_blocks(S, D, x.device)
     grid = (S, triton.cdiv(D, block_d))
     _segment_mean_kernel[grid](
         x, tok, off, tok if pair is None else pair, mean,
-        L, D, x.stride(0), x.stride(1), x.stride(2),
-        HAS_PAIR=pair is not None, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4,
+        tok.numel(), B * L, L, D, x.stride(0), x.stride(1), x.stride(2),
+        HAS_PAIR=pair is not None, COMPENSATED=compensated, BLOCK_T=block_t, BLOCK_D=block_d,
+        **_launch_options(compensated),
     )
     return mean
 
 
-def frame_saliency_triton(x, token_index, seg_offsets, *, out=None):
+def frame_saliency_triton(x, token_index, seg_offsets, *, out=None, accumulation=None):
     """Triton: cosine of every token to its segment's mean. See ``ops.frame_saliency``.
 
     Args:
@@ -269,6 +450,7 @@ def frame_saliency_triton(x, token_index, seg_offsets, *, out=None):
         token_index: ``int64 [N]`` flat token indices (CSR values).
         seg_offsets: ``int64 [S+1]`` CSR offsets into ``token_index``.
         out: optional preallocated contiguous ``float32 [N]`` (every element is written).
+        accumulation: ``"fp64"``, ``"compensated"`` or None (:func:`accumulation_mode` decides).
 
     Returns:
         ``float32 [N]``.
@@ -280,20 +462,21 @@ def frame_saliency_triton(x, token_index, seg_offsets, *, out=None):
         N, dtype=torch.float32, device=x.device)
     if N == 0:
         return out
+    comp = _compensated("frame_saliency", x.device, accumulation)
     tok = token_index.contiguous()
     off = seg_offsets.contiguous()
-    mean = _segment_means(x, tok, off, None)
+    mean = _segment_means(x, tok, off, None, comp)
     block_t, block_d, warps = _cos_blocks(D, False, x.device)
     _cosine_kernel[(triton.cdiv(N, block_t),)](
         x, tok, tok, off, mean, tok, tok, out,
-        N, S, L, D, x.stride(0), x.stride(1), x.stride(2),
-        MODE=MODE_SALIENCY, N_ITERS=max(1, S.bit_length()),
-        BLOCK_T=block_t, BLOCK_D=block_d, EPS=EPS, num_warps=warps,
+        N, B * L, S, L, D, x.stride(0), x.stride(1), x.stride(2),
+        MODE=MODE_SALIENCY, COMPENSATED=comp, N_ITERS=max(1, S.bit_length()),
+        BLOCK_T=block_t, BLOCK_D=block_d, EPS=EPS, num_warps=warps, **_launch_options(comp),
     )
     return out
 
 
-def frame_pair_similarity_triton(x, first_index, second_index, *, out=None):
+def frame_pair_similarity_triton(x, first_index, second_index, *, out=None, accumulation=None):
     """Triton: ``cos(x[second_index[i]], x[first_index[i]])`` for every pair, one launch.
 
     Args:
@@ -301,6 +484,7 @@ def frame_pair_similarity_triton(x, first_index, second_index, *, out=None):
         first_index: ``int64 [M]`` flat token indices.
         second_index: ``int64 [M]`` flat token indices.
         out: optional preallocated contiguous ``float32 [M]``.
+        accumulation: ``"fp64"``, ``"compensated"`` or None (:func:`accumulation_mode` decides).
 
     Returns:
         ``float32 [M]``.
@@ -311,14 +495,15 @@ def frame_pair_similarity_triton(x, first_index, second_index, *, out=None):
         M, dtype=torch.float32, device=x.device)
     if M == 0:
         return out
+    comp = _compensated("frame_pair_similarity", x.device, accumulation)
     first = first_index.contiguous()
     second = second_index.contiguous()
     block_t, block_d, warps = _cos_blocks(D, False, x.device)
     _cosine_kernel[(triton.cdiv(M, block_t),)](
         x, second, first, first, out, first, first, out,
-        M, 1, L, D, x.stride(0), x.stride(1), x.stride(2),
-        MODE=MODE_PAIR, N_ITERS=1,
-        BLOCK_T=block_t, BLOCK_D=block_d, EPS=EPS, num_warps=warps,
+        M, B * L, 1, L, D, x.stride(0), x.stride(1), x.stride(2),
+        MODE=MODE_PAIR, COMPENSATED=comp, N_ITERS=1,
+        BLOCK_T=block_t, BLOCK_D=block_d, EPS=EPS, num_warps=warps, **_launch_options(comp),
     )
     return out
 
@@ -329,17 +514,21 @@ def fused_pairing(token_index, pair_index, num_tokens: int):
     Returns ``(rev, claimed)``: ``rev[p]`` is the position q of the temporal token computed by the
     lane of saliency token p (``-1`` for none; the largest such q when several point at p), and
     ``claimed[q]`` says that q's score is written by its partner's lane. Assumes the flat indices
-    in ``token_index`` are distinct (as CSR frames are).
+    in ``token_index`` are distinct (as CSR frames are). Indices outside ``[0, num_tokens)`` (in
+    either array) pair with nothing; no index op here reads or writes out of bounds.
     """
     dev = token_index.device
     N = token_index.numel()
     ar = torch.arange(N, device=dev)
-    pos_of = torch.full((num_tokens + 1,), -1, dtype=torch.int64, device=dev)
-    pos_of.scatter_(0, token_index, ar)
+    # slot num_tokens: "no position" (stays -1); slot num_tokens + 1: where invalid tokens land.
+    pos_of = torch.full((num_tokens + 2,), -1, dtype=torch.int64, device=dev)
+    tok_ok = (token_index >= 0) & (token_index < num_tokens)
+    pos_of.scatter_(0, torch.where(tok_ok, token_index, num_tokens + 1), ar)
     sal = pair_index < 0
-    pp = pos_of.gather(0, torch.where(sal, num_tokens, pair_index))
+    pair_ok = (~sal) & (pair_index < num_tokens)
+    pp = pos_of.gather(0, torch.where(pair_ok, pair_index, num_tokens))
     ppc = pp.clamp_min(0)
-    ok = (pp >= 0) & (~sal) & (pair_index.gather(0, ppc) < 0)
+    ok = (pp >= 0) & pair_ok & (pair_index.gather(0, ppc) < 0)
     rev = torch.full((N + 1,), -1, dtype=torch.int64, device=dev)
     rev.scatter_reduce_(0, torch.where(ok, pp, N), ar, reduce="amax")
     rev = rev[:N]
@@ -347,7 +536,7 @@ def fused_pairing(token_index, pair_index, num_tokens: int):
     return rev, claimed
 
 
-def video_scores_triton(x, token_index, seg_offsets, pair_index, *, out=None):
+def video_scores_triton(x, token_index, seg_offsets, pair_index, *, out=None, accumulation=None):
     """Triton: fused saliency (``pair_index < 0``) / temporal similarity (else). Two launches.
 
     Args:
@@ -357,6 +546,7 @@ def video_scores_triton(x, token_index, seg_offsets, pair_index, *, out=None):
         pair_index: ``int64 [N]``: ``-1`` for a saliency token, else the flat index of the token
             it is compared with.
         out: optional preallocated contiguous ``float32 [N]``.
+        accumulation: ``"fp64"``, ``"compensated"`` or None (:func:`accumulation_mode` decides).
 
     Returns:
         ``float32 [N]``.
@@ -368,16 +558,17 @@ def video_scores_triton(x, token_index, seg_offsets, pair_index, *, out=None):
         N, dtype=torch.float32, device=x.device)
     if N == 0:
         return out
+    comp = _compensated("video_scores", x.device, accumulation)
     tok = token_index.contiguous()
     off = seg_offsets.contiguous()
     pair = pair_index.contiguous()
     rev, claimed = fused_pairing(tok, pair, B * L)
-    mean = _segment_means(x, tok, off, pair)
+    mean = _segment_means(x, tok, off, pair, comp)
     block_t, block_d, warps = _cos_blocks(D, True, x.device)
     _cosine_kernel[(triton.cdiv(N, block_t),)](
         x, tok, pair, off, mean, rev, claimed.view(torch.uint8), out,
-        N, S, L, D, x.stride(0), x.stride(1), x.stride(2),
-        MODE=MODE_FUSED, N_ITERS=max(1, S.bit_length()),
-        BLOCK_T=block_t, BLOCK_D=block_d, EPS=EPS, num_warps=warps,
+        N, B * L, S, L, D, x.stride(0), x.stride(1), x.stride(2),
+        MODE=MODE_FUSED, COMPENSATED=comp, N_ITERS=max(1, S.bit_length()),
+        BLOCK_T=block_t, BLOCK_D=block_d, EPS=EPS, num_warps=warps, **_launch_options(comp),
     )
     return out
