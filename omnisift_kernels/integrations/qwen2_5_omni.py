@@ -465,7 +465,8 @@ class OmniSIFTThinker(nn.Module):
         video frames of the same 2-second chunk, which separate audio does not have. (Passed through as
         is, its TMRoPE time ids would put all of it in the last chunk's window when it follows the video
         and in no window when it precedes it, so how much is dropped would depend on the order.)
-        The statistics count only a video's own audio.
+        In :attr:`last_stats` such audio counts as audio (kept), and ``audio_separate`` gives its count
+        per row.
         """
         cfg = self.thinker.config
         rv = self.rho_video if rho_video is None else rho_video
@@ -484,9 +485,16 @@ class OmniSIFTThinker(nn.Module):
         )
         stats = res.stats()
         valid = torch.ones_like(res.keep_mask) if attention_mask is None else attention_mask.bool()
+        if attention_mask is not None:
+            standalone = standalone & attention_mask.bool()
+        separate = standalone.sum(-1).tolist()
+        stats["audio_kept"] = [k + n for k, n in zip(stats["audio_kept"], separate)]
+        stats["audio_total"] = [t + n for t, n in zip(stats["audio_total"], separate)]
+        stats["audio_separate"] = separate
         stats["kept_length"] = res.keep_mask.sum(-1).tolist()
         stats["original_length"] = valid.sum(-1).tolist()
-        stats["retention"] = res.retention()
+        total = sum(stats["video_total"]) + sum(stats["audio_total"])
+        stats["retention"] = (sum(stats["video_kept"]) + sum(stats["audio_kept"])) / total if total else 1.0
         self.last_stats = stats
         self.last_keep_mask = res.keep_mask.detach()
         return res
@@ -758,7 +766,10 @@ def collate_inputs(samples: list[dict[str, Any]], pad_token_id: int, padding_sid
             batch[key] = torch.cat(parts)
     flags = {bool(s["use_audio_in_video"]) for s in rows if s.get("use_audio_in_video") is not None}
     if len(flags) > 1:
-        raise ValueError("collate_inputs: samples disagree on use_audio_in_video")
+        raise ValueError(
+            "collate_inputs: samples disagree on use_audio_in_video (transformers' get_rope_index takes one flag "
+            "per batch): batch videos with their sound track apart from videos without it"
+        )
     if flags:
         batch["use_audio_in_video"] = flags.pop()
     return batch
