@@ -389,6 +389,20 @@ def test_infer_video_file(checkpoint, media, tmp_path, extra):
         assert inputs["use_audio_in_video"] is True and "audio 0/0" not in line
 
 
+def test_infer_full_model_checkpoint_mixed_media(media, tmp_path):
+    """A full Qwen2_5OmniForConditionalGeneration checkpoint (thinker weights under thinker.*), with a
+    video without its track, the track as separate audio and an image: video pruned, audio kept whole."""
+    ckpt = assets.build_checkpoint(str(tmp_path / "full"), seed=3, full_model=True)
+    out = _run([INFER, "--model", ckpt, "--video", media["clip2"], "--no-audio-in-video", "--audio", media["clip2"],
+                "--image", media["png"], "--rho-video", "0.5", "--rho-audio", "0.5", "--max-new-tokens", "2",
+                "--repeats", "0"])
+    line = next(ln for ln in out.splitlines() if ln.startswith("[infer] row 0:"))
+    kept, total = (int(x) for x in line.split("audio ")[1].split(" kept")[0].split("/"))
+    assert kept == total > 0 and "separate, kept whole" in line
+    video_kept, video_total = (int(x) for x in line.split("video ")[1].split(" kept")[0].split("/"))
+    assert video_kept < video_total
+
+
 def test_train_on_media_jsonl(checkpoint, media, tmp_path):
     rows = [
         {"video": media["clip4"], "prompt": "What happens?", "answer": "the cat in"},

@@ -19,8 +19,17 @@ The selector is attached as ``thinker.compressor`` so the state dict holds its p
 the authors' release does (``thinker.compressor.v_proj.weight``, ...); the compressor module that
 calls it is kept outside the module tree (no duplicate keys).
 
+What is compressed (spec §9, and **[ours]** where the release has no rule): a video's frames are pruned
+in every layout; audio is selected only when it is a video's own sound track interleaved with its frames
+(``use_audio_in_video=True``: ``<|vision_bos|><|audio_bos|> [V][A]... <|audio_eos|><|vision_eos|>``).
+Audio in its own block (``use_audio_in_video=False``, an audio-only clip) is kept whole **[ours]** and a
+warning says so; images and text are never pruned. A warning also reports config ids that do not match
+the ids in the batch (``check_layout``). Processor outputs, ``mm_token_type_ids`` included, are accepted
+as they come; :mod:`.qwen2_5_omni_inputs` turns media files into them on every 5.x processor.
+
 Supported transformers versions: **5.0 <= version < 6.0** (:data:`SUPPORTED_TRANSFORMERS`); the test
-suite was run with 5.0.0, 5.15.1, 5.17.0, 5.23.0 and 5.24.0. From 5.16 ``generate`` keeps the passed 4-row position ids;
+suite was run with 5.0.0, 5.15.1, 5.17.0, 5.23.0, 5.24.0 and 5.25.0 (the real-processor tests with 5.0.0,
+5.17.0, 5.24.0 and 5.25.0). From 5.16 ``generate`` keeps the passed 4-row position ids;
 5.0-5.15 drop them in the thinker's ``prepare_inputs_for_generation``, so there the prefill gets them
 through a per-call override and decoding follows ``rope_deltas`` (same positions, checked by the tests).
 4.x is refused (its thinker and generate internals differ; the spec's facts are for 5.x).
@@ -45,7 +54,7 @@ from ..selector import VisionGuidedAudioSelector
 from .. import synthetic as syn
 
 SUPPORTED_TRANSFORMERS = ("5.0", "6.0")  # [min, max)
-TESTED_TRANSFORMERS = ("5.0.0", "5.15.1", "5.17.0", "5.23.0", "5.24.0")
+TESTED_TRANSFORMERS = ("5.0.0", "5.15.1", "5.17.0", "5.23.0", "5.24.0", "5.25.0")
 
 _MEDIA_KEYS = (
     "input_features",
@@ -209,7 +218,7 @@ class OmniSIFTThinker(nn.Module):
             original lengths and the retention (audio+video kept / total).
         last_keep_mask: bool ``[B, L]`` of the last call.
 
-    Supported transformers: 5.0 <= version < 6.0 (tested 5.0.0, 5.15.1, 5.17.0, 5.23.0, 5.24.0); others raise.
+    Supported transformers: 5.0 <= version < 6.0 (tested: :data:`TESTED_TRANSFORMERS`); others raise.
     """
 
     def __init__(
