@@ -136,7 +136,7 @@ def processor_inputs(args, processor) -> dict:
         audios.append(qi.read_audio(args.audio))
     conversation = qi.conversation(args.prompt, video=args.video, image=args.image, audio=args.audio,
                                    system=args.system or None)
-    text = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    text = qi.render_prompt(processor, conversation)
     return qi.processor_inputs(processor, text, videos=videos, video_audio=tracks if use_aiv else None,
                                images=images, audio=audios, use_audio_in_video=use_aiv)
 

@@ -107,7 +107,7 @@ class JsonlDataset:
         conv = qi.conversation(row.get("prompt", DEFAULT_PROMPT), video=paths.get("video"),
                                image=paths.get("image"), audio=paths.get("audio"),
                                system=row.get("system", qi.SYSTEM_PROMPT))
-        text = self.processor.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
+        text = qi.render_prompt(self.processor, conv)
         return qi.processor_inputs(self.processor, text, videos=videos, video_audio=tracks if aiv else None,
                                    images=images, audio=audios, use_audio_in_video=aiv)
 

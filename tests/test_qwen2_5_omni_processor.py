@@ -282,6 +282,29 @@ def test_modality_mixes(processor, thinker, media, name):
     assert new.shape == (1, 2)
 
 
+def test_mixed_batch(processor, thinker, media):
+    """One processor call, three rows: a clip with its track, an image, text only (left padding)."""
+    texts = [prompt(processor, video=media["clip2"]), prompt(processor, image=media["png"]), prompt(processor)]
+    frames, track = qi.read_video(media["clip2"])
+    inp = qi.processor_inputs(processor, texts, videos=[frames], video_audio=[track],
+                              images=[qi.read_image(media["png"])])
+    keep = wrap(thinker)
+    with torch.no_grad():
+        ref = thinker(**inp, use_cache=False)
+        out = keep(**inp)
+    valid = inp["attention_mask"].bool()
+    torch.testing.assert_close(out.logits[out.attention_mask.bool()], ref.logits[valid], atol=1e-5, rtol=1e-5)
+    ref_gen = thinker.generate(**inp, max_new_tokens=3, do_sample=False)[:, inp["input_ids"].shape[1]:]
+    assert torch.equal(keep.generate(**inp, max_new_tokens=3, do_sample=False), ref_gen)
+    w = wrap(thinker, 0.67, 0.4)
+    new = w.generate(**inp, max_new_tokens=3, do_sample=False)
+    st = w.last_stats
+    assert st["video_kept"][0] < st["video_total"][0] and st["audio_kept"][0] < st["audio_total"][0]
+    assert st["kept_length"][1:] == st["original_length"][1:]
+    row = run_processor(processor, videos=[media["clip2"]])
+    assert torch.equal(new[0], w.generate(**row, max_new_tokens=3, do_sample=False)[0])
+
+
 def test_separate_audio_order_does_not_change_retention(processor, thinker, media):
     """use_audio_in_video=False: the clip's track as its own block before or after the video keeps the
     same audio (all of it) and prunes the same video tokens."""
@@ -348,6 +371,17 @@ def test_tiny_config_takes_tokenizer_ids(processor):
         q.tiny_thinker_config(token_ids={"nope": 1})
     with pytest.raises(ValueError, match="vocab_size"):
         q.tiny_thinker_config(vocab_size=64)
+
+
+def test_render_prompt_without_template_matches_the_template(processor, media):
+    """A processor without a chat template gets the release's format (the fixture's template is it)."""
+    import copy
+
+    conv = qi.conversation("What happens?", video=media["clip2"], image=media["png"], audio=media["wav"])
+    bare = copy.copy(processor)
+    bare.chat_template = None
+    assert qi.render_prompt(bare, conv) == processor.apply_chat_template(conv, add_generation_prompt=True,
+                                                                         tokenize=False)
 
 
 def test_read_video_rules(media):

@@ -3,8 +3,8 @@
 :func:`read_video` decodes a video file with PyAV (``pip install av``; no ffmpeg binary needed):
 frames sampled at 2 fps as the release's ``qwen-omni-utils`` does (an even count, at least 4) and,
 when the file has one, its sound track resampled to 16 kHz mono. :func:`read_audio` and
-:func:`read_image` read the other media. :func:`conversation` builds the chat and
-:func:`processor_inputs` runs ``Qwen2_5OmniProcessor`` on it.
+:func:`read_image` read the other media. :func:`conversation` builds the chat,
+:func:`render_prompt` templates it and :func:`processor_inputs` runs ``Qwen2_5OmniProcessor`` on it.
 
 The processor's way of taking a video's own sound track changed inside transformers 5.x:
 
@@ -42,6 +42,7 @@ __all__ = [
     "read_audio",
     "read_image",
     "read_video",
+    "render_prompt",
 ]
 
 
@@ -157,6 +158,34 @@ def conversation(prompt: str, *, video: Any = None, image: Any = None, audio: An
         conv.append({"role": "system", "content": [{"type": "text", "text": system}]})
     conv.append({"role": "user", "content": content})
     return conv
+
+
+_PLACEHOLDERS = {
+    "video": "<|vision_bos|><|VIDEO|><|vision_eos|>",
+    "image": "<|vision_bos|><|IMAGE|><|vision_eos|>",
+    "audio": "<|audio_bos|><|AUDIO|><|audio_eos|>",
+}
+
+
+def render_prompt(processor, conv: list[dict], add_generation_prompt: bool = True) -> str:
+    """The chat as text: the processor's chat template, or the release's format when it has none.
+
+    The release's format: ``<|im_start|>{role}\n{content}<|im_end|>\n`` per message, media items as
+    ``<|vision_bos|><|VIDEO|><|vision_eos|>``, ``<|vision_bos|><|IMAGE|><|vision_eos|>`` and
+    ``<|audio_bos|><|AUDIO|><|audio_eos|>``, then ``<|im_start|>assistant\n``.
+    """
+    if getattr(processor, "chat_template", None):
+        return processor.apply_chat_template(conv, add_generation_prompt=add_generation_prompt, tokenize=False)
+    parts = []
+    for msg in conv:
+        content = msg["content"]
+        if not isinstance(content, str):
+            content = "".join(item["text"] if item["type"] == "text" else _PLACEHOLDERS[item["type"]]
+                              for item in content)
+        parts.append(f"<|im_start|>{msg['role']}\n{content}<|im_end|>\n")
+    if add_generation_prompt:
+        parts.append("<|im_start|>assistant\n")
+    return "".join(parts)
 
 
 def _call_parameters(processor) -> set[str]:
