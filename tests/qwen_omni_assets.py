@@ -9,13 +9,13 @@ squares with a 16 kHz sound track through PyAV.
 
 The Qwen2-VL processors import torchvision. PyPI's torchvision wheels are CUDA builds whose import
 fails beside a CPU-only torch; :func:`prepare_torchvision` defines the two schemas its Python side
-expects (see ``tests/_shims/sitecustomize.py``, which the tests also put on ``PYTHONPATH`` for the
-programs they run in subprocesses). That is a test-environment measure, not part of the package.
+expects (``tests/_shims/omnisift_torchvision_hook.py``; the tests put ``tests/_shims`` on ``PYTHONPATH``
+for the programs they run, whose ``sitecustomize.py`` installs the same hook). That is a
+test-environment measure, not part of the package.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from fractions import Fraction
@@ -59,14 +59,12 @@ MERGES = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("Ġ", "a"), ("o",
 def prepare_torchvision() -> None:
     """Makes ``import torchvision`` work in this process (see the module docstring)."""
     if SHIMS not in sys.path:
-        sys.path.insert(0, SHIMS)
-    import sitecustomize  # noqa: F401  (may be another sitecustomize: call ours explicitly)
+        sys.path.append(SHIMS)
+    import omnisift_torchvision_hook as hook  # the venv's copy when make setup installed one
 
-    from importlib import util
-
-    spec = util.spec_from_file_location("_omnisift_tv_shim", os.path.join(SHIMS, "sitecustomize.py"))
-    mod = util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    hook.install()
+    if "torchvision" not in sys.modules:
+        hook.define_torchvision_schemas()
 
 
 def subprocess_env() -> dict[str, str]:
@@ -256,8 +254,3 @@ def write_wav(path: str, seconds: float = 2.0, sample_rate: int = 16000, seed: i
         for packet in s.encode():
             container.mux(packet)
     return path
-
-
-def save_json(path: str, obj) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f)
