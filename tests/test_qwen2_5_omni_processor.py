@@ -193,7 +193,7 @@ def test_batch_padded_and_packed_equal_native(processor, thinker, media, side):
 def test_mm_token_type_ids_accepted(processor, thinker, media):
     try:
         inp = run_processor(processor, videos=[media["clip2"]], return_mm_token_type_ids=True)
-    except (TypeError, ValueError) as e:  # 5.0-5.1x processors do not offer the option
+    except (TypeError, ValueError) as e:  # older processors may not offer the option
         pytest.skip(f"this processor has no return_mm_token_type_ids: {e}")
     if "mm_token_type_ids" not in inp:
         pytest.skip("this processor does not return mm_token_type_ids")

@@ -8,9 +8,9 @@ when the file has one, its sound track resampled to 16 kHz mono. :func:`read_aud
 
 The processor's way of taking a video's own sound track changed inside transformers 5.x:
 
-- up to the 5.1x releases: ``processor(..., audio=[track], use_audio_in_video=True)``; the audio list
-  is consumed in text order (a video's track at its ``<|VIDEO|>``, standalone audio at ``<|AUDIO|>``);
-- from the 5.2x releases (``OmniModalProcessorMixin``): the same call also needs
+- 5.0 to 5.22: ``processor(..., audio=[track], use_audio_in_video=True)``; the audio list is consumed
+  in text order (a video's track at its ``<|VIDEO|>``, standalone audio at ``<|AUDIO|>``);
+- from 5.23 (``OmniModalProcessorMixin``): the same call also needs
   ``audio_from_video_indices`` (which video each audio entry belongs to, None for standalone audio),
   else it counts the track against the ``<|AUDIO|>`` placeholders and fails; the flag is renamed
   ``load_audio_from_video`` (``use_audio_in_video`` is deprecated).
@@ -254,14 +254,14 @@ def processor_inputs(
     if aiv:
         params = _call_parameters(processor)
         if "audio_from_video_indices" in params:
-            # 5.2x: one audio slot per video track and per standalone clip. The tracks come first in
+            # 5.23+: one audio slot per video track and per standalone clip. The tracks come first in
             # the slot list; standalone clips keep their text order among themselves.
             call["audio"] = tracks + audio
             call["audio_from_video_indices"] = list(range(len(videos))) + [None] * len(audio)
             key = "load_audio_from_video" if "load_audio_from_video" in _kwarg_names(processor) else "use_audio_in_video"
             call[key] = True
         else:
-            # 5.0-5.1x: the audio list is consumed in text order; this helper puts media in the order
+            # 5.0-5.22: the audio list is consumed in text order; this helper puts media in the order
             # video, image, audio (see conversation()), so the tracks come first.
             call["audio"] = tracks + audio
             call["use_audio_in_video"] = True
