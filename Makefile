@@ -39,7 +39,7 @@ $(STAMP): $(VENV)/bin/python $(SOURCES) $(TV_HOOK)
 		$(VPY) -m pip install -q torch==2.13.0 2>&1 | $(QUIET_PIP); }
 	@echo '[setup] pip install $(DEV_DEPS)'
 	@# A dependency that cannot be installed fails the setup (pipefail: pip's exit status counts).
-	@TORCH_VERSION=$$($(VPY) -c "import torch; print(torch.__version__.split('+')[0])") && \
+	@TORCH_VERSION=$$($(VPY) -c "import torch; print(torch.__version__.split('+')[0])" 2>/dev/null) && \
 		$(VPY) -m pip install -q $(DEV_DEPS) "torch==$$TORCH_VERSION" 2>&1 | $(QUIET_PIP) || \
 		{ echo "[setup] error: pip could not install the dependencies above"; exit 1; }
 	@$(VPY) -c "import torch, pytest, hypothesis, transformers, av, numpy"

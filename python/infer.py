@@ -41,6 +41,8 @@ from omnisift_kernels import synthetic as syn  # noqa: E402
 from omnisift_kernels.integrations import qwen2_5_omni as q  # noqa: E402
 from omnisift_kernels.integrations import qwen2_5_omni_inputs as qi  # noqa: E402
 
+MODEL_DTYPE_INPUTS = ("pixel_values", "pixel_values_videos", "input_features")
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -177,8 +179,11 @@ def main(argv=None) -> dict:
     if args.save_inputs:
         torch.save(inputs, args.save_inputs)
     dtype = next(thinker.parameters()).dtype
-    inputs = {k: (v.to(device=device, dtype=dtype) if torch.is_tensor(v) and v.is_floating_point()
-                  else v.to(device) if torch.is_tensor(v) else v) for k, v in inputs.items()}
+    # Pixels and mel features in the model's dtype; video_second_per_grid stays fp32 (it scales TMRoPE time
+    # ids, which bf16 would round for values like 2/3).
+    inputs = {k: (v.to(device=device, dtype=dtype) if k in MODEL_DTYPE_INPUTS and torch.is_tensor(v)
+                  and v.is_floating_point() else v.to(device) if torch.is_tensor(v) else v)
+              for k, v in inputs.items()}
     if "use_audio_in_video" not in inputs:
         inputs["use_audio_in_video"] = wrapper._detect_audio_in_video(inputs["input_ids"])
 
