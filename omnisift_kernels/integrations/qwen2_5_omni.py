@@ -28,8 +28,8 @@ the ids in the batch (``check_layout``). Processor outputs, ``mm_token_type_ids`
 as they come; :mod:`.qwen2_5_omni_inputs` turns media files into them on every 5.x processor.
 
 Supported transformers versions: **5.0 <= version < 6.0** (:data:`SUPPORTED_TRANSFORMERS`); the test
-suite was run with 5.0.0, 5.15.1, 5.17.0, 5.23.0, 5.24.0 and 5.25.0 (the real-processor tests with 5.0.0,
-5.17.0, 5.24.0 and 5.25.0). From 5.16 ``generate`` keeps the passed 4-row position ids;
+suite was run with 5.0.0, 5.15.1, 5.17.0, 5.22.0, 5.23.0, 5.24.0 and 5.25.0 (the real-processor tests
+with 5.0.0, 5.17.0, 5.22.0, 5.23.0, 5.24.0 and 5.25.0). From 5.16 ``generate`` keeps the passed 4-row position ids;
 5.0-5.15 drop them in the thinker's ``prepare_inputs_for_generation``, so there the prefill gets them
 through a per-call override and decoding follows ``rope_deltas`` (same positions, checked by the tests).
 4.x is refused (its thinker and generate internals differ; the spec's facts are for 5.x).
@@ -54,7 +54,7 @@ from ..selector import VisionGuidedAudioSelector
 from .. import synthetic as syn
 
 SUPPORTED_TRANSFORMERS = ("5.0", "6.0")  # [min, max)
-TESTED_TRANSFORMERS = ("5.0.0", "5.15.1", "5.17.0", "5.23.0", "5.24.0", "5.25.0")
+TESTED_TRANSFORMERS = ("5.0.0", "5.15.1", "5.17.0", "5.22.0", "5.23.0", "5.24.0", "5.25.0")
 
 _MEDIA_KEYS = (
     "input_features",
