@@ -16,7 +16,10 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.omnisift-stamp
 SOURCES := setup.py CMakeLists.txt pyproject.toml $(shell find csrc -type f 2>/dev/null)
 # Dependencies beyond torch. Already-satisfied ones are not fetched (the GPU image has them all).
-DEV_DEPS := numpy triton pytest pytest-benchmark hypothesis expecttest tqdm matplotlib "transformers>=5.0,<6"
+# av (PyAV) and torchvision: the Qwen2.5-Omni processor and media-file tests; torchvision is
+# installed with torch pinned to the installed version, so pip picks the matching release.
+DEV_DEPS := numpy triton pytest pytest-benchmark hypothesis expecttest tqdm matplotlib "transformers>=5.0,<6" av torchvision
+TV_HOOK := tests/_shims/omnisift_torchvision_hook.py
 
 .PHONY: setup bench test test-all test-gpu test-asan clean
 
@@ -31,13 +34,24 @@ $(VENV)/bin/python:
 		$(PYTHON) -m venv $(VENV); \
 	fi
 
-$(STAMP): $(VENV)/bin/python $(SOURCES)
+$(STAMP): $(VENV)/bin/python $(SOURCES) $(TV_HOOK)
 	@$(VPY) -c "import torch" >/dev/null 2>&1 || { echo "[setup] pip install torch==2.13.0"; \
 		$(VPY) -m pip install -q torch==2.13.0 2>&1 | $(QUIET_PIP); }
 	@echo '[setup] pip install $(DEV_DEPS)'
-	@# Offline machines (the GPU image) may lack some of these: warn, then check what the tests need.
-	@$(VPY) -m pip install -q $(DEV_DEPS) 2>&1 | $(QUIET_PIP) || echo "[setup] warning: some dependencies could not be installed"
-	@$(VPY) -c "import torch, pytest, hypothesis"
+	@# A dependency that cannot be installed fails the setup (pipefail: pip's exit status counts).
+	@TORCH_VERSION=$$($(VPY) -c "import torch; print(torch.__version__.split('+')[0])" 2>/dev/null) && \
+		$(VPY) -m pip install -q $(DEV_DEPS) "torch==$$TORCH_VERSION" 2>&1 | $(QUIET_PIP) || \
+		{ echo "[setup] error: pip could not install the dependencies above"; exit 1; }
+	@$(VPY) -c "import torch, pytest, hypothesis, transformers, av, numpy"
+	@# PyPI's torchvision wheels are CUDA builds; beside a CPU-only torch their import fails
+	@# (operator torchvision::nms does not exist). Only then: a .pth in this venv installs the test
+	@# environment's import hook ($(TV_HOOK)), which defines the two schemas first.
+	@SITE=$$($(VPY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])"); \
+	if $(VPY) -c "import torchvision" >/dev/null 2>&1 && [ ! -f "$$SITE/omnisift_torchvision_hook.pth" ]; then :; \
+	else cp $(TV_HOOK) "$$SITE/" && echo "import omnisift_torchvision_hook" > "$$SITE/omnisift_torchvision_hook.pth" && \
+		echo "[setup] torchvision import hook installed in $(VENV) (CUDA torchvision wheel beside a CPU torch)"; fi
+	@$(VPY) -c "import torchvision, transformers; from transformers import Qwen2_5OmniProcessor, Qwen2VLImageProcessor" \
+		|| { echo "[setup] error: torchvision or the Qwen2.5-Omni processor does not import"; exit 1; }
 	@echo "[setup] pip install --no-deps --no-build-isolation -e . (CMake + Ninja build of omnisift_kernels._C)"
 	@$(VPY) -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | $(QUIET_PIP)
 	@$(VPY) -c "import omnisift_kernels as o; print('[setup]', o.build_info().summary())"

@@ -1,10 +1,17 @@
 #!/usr/bin/env python
 """Answer with Qwen2.5-Omni on an OmniSIFT-compressed prompt; print kept token counts and prefill times.
 
-Preprocessed inputs:  python python/infer.py --model PATH --inputs sample.pt --preset paper-35
 Media files:          python python/infer.py --model PATH --video clip.mp4 --prompt "What happens?"
-                      (needs the checkpoint's processor files and ``qwen-omni-utils`` for reading media)
+                      (PATH holds the thinker or full-model weights and the processor files; media are
+                      decoded with PyAV: pip install av; the processor's video path needs torchvision)
+Preprocessed inputs:  python python/infer.py --model PATH --inputs sample.pt --preset paper-35
 CPU smoke run:        python python/infer.py --tiny-random --rho-video 0.5 --rho-audio 0.5
+
+``--video`` takes the clip's sound track interleaved with its frames (``use_audio_in_video``, the
+layout OmniSIFT compresses: video pruning plus vision-guided audio selection). ``--no-audio-in-video``
+uses the frames only; add ``--audio FILE`` (the same video file works) to give a sound track as its own
+audio block, which is kept whole (OmniSIFT has no video anchors for it). ``--audio`` alone and
+``--image`` are not compressed (see python/README.md).
 
 ``--inputs`` is a ``torch.save``d dict of the processor's outputs (``input_ids``, ``attention_mask``,
 ``input_features``, ``feature_attention_mask``, ``pixel_values_videos``, ``video_grid_thw``,
@@ -32,11 +39,9 @@ except ImportError:  # running from a checkout without installing
 from omnisift_kernels import VisionGuidedAudioSelector, get_preset  # noqa: E402
 from omnisift_kernels import synthetic as syn  # noqa: E402
 from omnisift_kernels.integrations import qwen2_5_omni as q  # noqa: E402
+from omnisift_kernels.integrations import qwen2_5_omni_inputs as qi  # noqa: E402
 
-SYSTEM_PROMPT = (
-    "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving "
-    "auditory and visual inputs, as well as generating text and speech."
-)
+MODEL_DTYPE_INPUTS = ("pixel_values", "pixel_values_videos", "input_features")
 
 
 def parse_args(argv=None):
@@ -50,10 +55,12 @@ def parse_args(argv=None):
     p.add_argument("--audio", help="audio file (through the processor)")
     p.add_argument("--image", help="image file (through the processor)")
     p.add_argument("--prompt", default="Describe what you see and hear.", help="user text with media files")
-    p.add_argument("--no-audio-in-video", action="store_true", help="do not use the video's sound track")
+    p.add_argument("--no-audio-in-video", action="store_true",
+                   help="do not interleave the video's sound track (frames only; add --audio FILE for a separate track)")
+    p.add_argument("--system", default=qi.SYSTEM_PROMPT, help="system prompt ('' for none)")
     p.add_argument("--tiny-rows", type=int, default=2, help="--tiny-random: batch rows (different lengths)")
     p.add_argument("--save-inputs", help="write the inputs used as a .pt (e.g. the --tiny-random ones)")
-    p.add_argument("--preset", help="ratio preset (paper-35, paper-25, release-default)")
+    p.add_argument("--preset", help="ratio preset (paper-35, paper-25, release-default); --rho-* override it")
     p.add_argument("--rho-video", type=float, default=None, help="fraction of video tokens removed (default 0.7)")
     p.add_argument("--rho-audio", type=float, default=None, help="fraction of audio tokens removed (default 0.3)")
     p.add_argument("--compressor", help="selector weights (release checkpoint dir, .safetensors, or train.py .pt)")
@@ -92,6 +99,9 @@ def load(args, device):
 
             processor = Qwen2_5OmniProcessor.from_pretrained(args.model)
         except Exception as e:  # no processor/tokenizer files: ids only
+            if args.video or args.audio or args.image:
+                raise SystemExit(f"[infer] media files need the processor files next to the weights in "
+                                 f"{args.model}: {type(e).__name__}: {e}") from e
             print(f"[infer] no processor for {args.model} ({type(e).__name__}); answers are printed as ids")
     d_model = thinker.config.get_text_config().hidden_size
     torch.manual_seed(args.seed)
@@ -112,28 +122,25 @@ def load(args, device):
 
 
 def processor_inputs(args, processor) -> dict:
-    if processor is None:
-        raise SystemExit("media files need the checkpoint's processor files; pass --inputs sample.pt instead")
-    try:
-        from qwen_omni_utils import process_mm_info
-    except ImportError:
-        raise SystemExit("reading media files needs qwen-omni-utils (pip install qwen-omni-utils); "
-                         "or pass preprocessed --inputs sample.pt") from None
-    use_aiv = bool(args.video) and not args.no_audio_in_video
-    content = []
-    for kind in ("video", "image", "audio"):
-        if getattr(args, kind):
-            content.append({"type": kind, kind: getattr(args, kind)})
-    content.append({"type": "text", "text": args.prompt})
-    conversation = [{"role": "system", "content": [{"type": "text", "text": SYSTEM_PROMPT}]},
-                    {"role": "user", "content": content}]
-    text = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-    audios, images, videos = process_mm_info(conversation, use_audio_in_video=use_aiv)
-    out = processor(text=text, audio=audios, images=images, videos=videos, return_tensors="pt", padding=True,
-                    use_audio_in_video=use_aiv)
-    out = dict(out)
-    out["use_audio_in_video"] = use_aiv
-    return out
+    """Decodes the media files (PyAV) and runs the checkpoint's processor on the chat."""
+    videos, tracks, images, audios = [], [], [], []
+    use_aiv = False
+    if args.video:
+        frames, track = qi.read_video(args.video, with_audio=not args.no_audio_in_video)
+        videos.append(frames)
+        tracks.append(track)
+        use_aiv = track is not None
+        if not args.no_audio_in_video and track is None:
+            print(f"[infer] {args.video} has no sound track: video only")
+    if args.image:
+        images.append(qi.read_image(args.image))
+    if args.audio:
+        audios.append(qi.read_audio(args.audio))
+    conversation = qi.conversation(args.prompt, video=args.video, image=args.image, audio=args.audio,
+                                   system=args.system or None)
+    text = qi.render_prompt(processor, conversation)
+    return qi.processor_inputs(processor, text, videos=videos, video_audio=tracks if use_aiv else None,
+                               images=images, audio=audios, use_audio_in_video=use_aiv)
 
 
 def tiny_inputs(config, rows: int, seed: int) -> dict:
@@ -172,8 +179,11 @@ def main(argv=None) -> dict:
     if args.save_inputs:
         torch.save(inputs, args.save_inputs)
     dtype = next(thinker.parameters()).dtype
-    inputs = {k: (v.to(device=device, dtype=dtype) if torch.is_tensor(v) and v.is_floating_point()
-                  else v.to(device) if torch.is_tensor(v) else v) for k, v in inputs.items()}
+    # Pixels and mel features in the model's dtype; video_second_per_grid stays fp32 (it scales TMRoPE time
+    # ids, which bf16 would round for values like 2/3).
+    inputs = {k: (v.to(device=device, dtype=dtype) if k in MODEL_DTYPE_INPUTS and torch.is_tensor(v)
+                  and v.is_floating_point() else v.to(device) if torch.is_tensor(v) else v)
+              for k, v in inputs.items()}
     if "use_audio_in_video" not in inputs:
         inputs["use_audio_in_video"] = wrapper._detect_audio_in_video(inputs["input_ids"])
 
@@ -188,14 +198,15 @@ def main(argv=None) -> dict:
     print(f"[infer] ratios: rho_video={args.rho_video} rho_audio={args.rho_audio}")
     for b in range(new_tokens.shape[0]):
         print(f"[infer] row {b}: video {stats['video_kept'][b]}/{stats['video_total'][b]} kept, "
-              f"audio {stats['audio_kept'][b]}/{stats['audio_total'][b]} kept, "
+              f"audio {stats['audio_kept'][b]}/{stats['audio_total'][b]} kept"
+              f"{' (%d separate, kept whole)' % stats['audio_separate'][b] if stats['audio_separate'][b] else ''}, "
               f"sequence {stats['original_length'][b]} -> {stats['kept_length'][b]} tokens")
     print(f"[infer] audio+video retention: {stats['retention']:.3f}")
     answers = []
     for b in range(new_tokens.shape[0]):
         ids = new_tokens[b].tolist()
         if processor is not None:
-            text = processor.batch_decode([ids], skip_special_tokens=True, clean_up_tokenization_spaces=False)[0]
+            text = processor.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
             answers.append(text)
             print(f"[infer] answer {b}: {text}")
         else:

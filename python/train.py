@@ -5,13 +5,21 @@ Single process:   python python/train.py --model PATH --data train.jsonl --save-
 Several (DDP):    torchrun --nproc-per-node 2 python/train.py ...   (gloo on the CPU, nccl on CUDA)
 CPU smoke run:    python python/train.py --tiny-random --steps 4 --save-dir /tmp/ckpt
 
-JSONL schema (one training sample per line; paths are relative to the JSONL file):
+JSONL schema (one training sample per line; paths are relative to the JSONL file). A sample is
+either media files run through the checkpoint's processor, or preprocessed processor outputs:
 
-    {"inputs": "samples/0001.pt", "answer_ids": [9707, 11, 1879]}
-    {"inputs": "samples/0002.pt", "answer": "A dog barks twice."}
-    {"inputs": "samples/0003.pt"}                      # labels inside the .pt
+    {"video": "clips/0001.mp4", "prompt": "What happens?", "answer": "Two squares move."}
+    {"video": "clips/0002.mp4", "use_audio_in_video": false, "answer": "A red square."}
+    {"audio": "clips/0003.wav", "image": "img/0003.png", "answer": "A tone."}
+    {"inputs": "samples/0004.pt", "answer_ids": [9707, 11, 1879]}
+    {"inputs": "samples/0005.pt"}                      # labels inside the .pt
 
-- ``inputs`` (required): a ``torch.save``d dict of the Qwen2.5-Omni processor's outputs for ONE
+- ``video`` / ``audio`` / ``image`` (media samples): files decoded with PyAV (``pip install av``) and
+  Pillow; the chat is the system prompt (``system``, default the release's), the media (video, image,
+  audio) and ``prompt`` (default "Describe what you see and hear."), templated with the processor's
+  chat template and a generation prompt. ``use_audio_in_video`` (default true) interleaves the video's
+  sound track with its frames, the layout OmniSIFT compresses. Needs ``--model`` with processor files.
+- ``inputs``: a ``torch.save``d dict of the Qwen2.5-Omni processor's outputs for ONE
   conversation (batch dimension 1): ``input_ids``, ``attention_mask`` and whichever media tensors it
   has (``input_features``, ``feature_attention_mask``, ``pixel_values_videos``, ``video_grid_thw``,
   ``video_second_per_grid``, ``pixel_values``, ``image_grid_thw``); optionally ``labels [1, L]``
@@ -19,7 +27,7 @@ JSONL schema (one training sample per line; paths are relative to the JSONL file
 - ``answer_ids`` (optional): token ids appended to the prompt and supervised.
 - ``answer`` (optional): text, tokenized with the model's tokenizer (``--model`` must hold tokenizer
   files), appended and supervised (an end-of-turn id is appended when the tokenizer knows
-  ``<|im_end|>``).
+  ``<|im_end|>``). A sample needs ``answer``, ``answer_ids`` or labels in its ``.pt``.
 
 A batch must agree on ``use_audio_in_video`` (transformers' ``get_rope_index`` takes one flag per
 batch). Checkpoints (``--save-dir``, every ``--save-every`` steps and at the end) are
@@ -49,6 +57,10 @@ except ImportError:  # running from a checkout without installing
 from omnisift_kernels import VisionGuidedAudioSelector, get_preset  # noqa: E402
 from omnisift_kernels import synthetic as syn  # noqa: E402
 from omnisift_kernels.integrations import qwen2_5_omni as q  # noqa: E402
+from omnisift_kernels.integrations import qwen2_5_omni_inputs as qi  # noqa: E402
+
+MEDIA_FIELDS = ("video", "audio", "image")
+DEFAULT_PROMPT = "Describe what you see and hear."
 
 
 # ----------------------------------------------------------------------------------------------
@@ -57,24 +69,59 @@ from omnisift_kernels.integrations import qwen2_5_omni as q  # noqa: E402
 class JsonlDataset:
     """Samples of the JSONL schema above; ``__getitem__`` returns a processor-output dict with labels."""
 
-    def __init__(self, path: str, tokenizer=None) -> None:
+    def __init__(self, path: str, tokenizer=None, processor=None) -> None:
         self.root = os.path.dirname(os.path.abspath(path))
         with open(path) as f:
             self.rows = [json.loads(line) for line in f if line.strip()]
         if not self.rows:
             raise ValueError(f"{path}: no samples")
         for i, r in enumerate(self.rows):
-            if "inputs" not in r:
-                raise ValueError(f"{path}: line {i + 1} has no 'inputs' path")
-        self.tokenizer = tokenizer
+            has_media = any(r.get(k) for k in MEDIA_FIELDS)
+            if "inputs" not in r and not has_media:
+                raise ValueError(f"{path}: line {i + 1} has neither an 'inputs' path nor media "
+                                 f"({', '.join(MEDIA_FIELDS)})")
+            if has_media and processor is None:
+                raise ValueError(f"{path}: line {i + 1} has media files, which need the checkpoint's processor "
+                                 "(--model with processor files)")
+        self.processor = processor
+        self.tokenizer = tokenizer if tokenizer is not None else getattr(processor, "tokenizer", None)
+
+    def _path(self, p: str) -> str:
+        return p if os.path.isabs(p) else os.path.join(self.root, p)
+
+    def _process_media(self, row: dict) -> dict:
+        """One media sample through the processor (batch 1)."""
+        paths = {k: self._path(row[k]) for k in MEDIA_FIELDS if row.get(k)}
+        want_aiv = bool(row.get("use_audio_in_video", True))
+        videos, tracks, images, audios = [], [], [], []
+        aiv = False
+        if "video" in paths:
+            frames, track = qi.read_video(paths["video"], with_audio=want_aiv)
+            videos.append(frames)
+            tracks.append(track)
+            aiv = track is not None
+        if "image" in paths:
+            images.append(qi.read_image(paths["image"]))
+        if "audio" in paths:
+            audios.append(qi.read_audio(paths["audio"]))
+        conv = qi.conversation(row.get("prompt", DEFAULT_PROMPT), video=paths.get("video"),
+                               image=paths.get("image"), audio=paths.get("audio"),
+                               system=row.get("system", qi.SYSTEM_PROMPT))
+        text = qi.render_prompt(self.processor, conv)
+        return qi.processor_inputs(self.processor, text, videos=videos, video_audio=tracks if aiv else None,
+                                   images=images, audio=audios, use_audio_in_video=aiv)
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, i: int) -> dict:
         row = self.rows[i]
-        path = row["inputs"] if os.path.isabs(row["inputs"]) else os.path.join(self.root, row["inputs"])
-        s = dict(torch.load(path, map_location="cpu", weights_only=True))
+        if "inputs" in row:
+            path = self._path(row["inputs"])
+            s = dict(torch.load(path, map_location="cpu", weights_only=True))
+        else:
+            path = f"sample {i}"
+            s = self._process_media(row)
         ids = s["input_ids"] if s["input_ids"].dim() == 2 else s["input_ids"][None]
         if ids.shape[0] != 1:
             raise ValueError(f"{path}: expected one conversation (batch 1), got input_ids {tuple(ids.shape)}")
@@ -210,16 +257,24 @@ def init_distributed(device_arg: str | None = None):
 
 
 def load_model(args, device):
-    tokenizer = None
+    tokenizer = processor = None
     thinker, dtype = q.load_thinker(args.model, device=device, dtype=args.dtype, tiny_random=args.tiny_random,
                                     seed=args.seed, attn_implementation=args.attn_implementation)
     if not args.tiny_random:
         try:
-            from transformers import AutoTokenizer
+            from transformers import Qwen2_5OmniProcessor
 
-            tokenizer = AutoTokenizer.from_pretrained(args.model)
-        except Exception:  # no tokenizer files: 'answer' text is then refused
-            tokenizer = None
+            processor = Qwen2_5OmniProcessor.from_pretrained(args.model)
+            tokenizer = processor.tokenizer
+        except Exception:  # no processor files: media samples are then refused
+            processor = None
+        if tokenizer is None:
+            try:
+                from transformers import AutoTokenizer
+
+                tokenizer = AutoTokenizer.from_pretrained(args.model)
+            except Exception:  # no tokenizer files: 'answer' text is then refused
+                tokenizer = None
     d_model = thinker.config.get_text_config().hidden_size
     torch.manual_seed(args.seed)  # the same selector init on every rank
     selector = VisionGuidedAudioSelector(d_model).to(device)  # fp32 master weights
@@ -241,7 +296,7 @@ def load_model(args, device):
         trainable += [p for p in llm if id(p) not in seen]
     for p in trainable:
         p.requires_grad_(True)
-    return wrapper, trainable, tokenizer
+    return wrapper, trainable, tokenizer, processor
 
 
 def find_latest(save_dir: str) -> str | None:
@@ -293,14 +348,14 @@ def to_device(batch: dict, device) -> dict:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     rank, world, device = init_distributed(args.device)
-    wrapper, trainable, tokenizer = load_model(args, device)
+    wrapper, trainable, tokenizer, processor = load_model(args, device)
     cfg = wrapper.thinker.config
     if args.write_synthetic:
         if rank == 0:
             print(write_synthetic(cfg, args.write_synthetic, args.synthetic_samples, args.seed))
         return {}
     if args.data:
-        data = JsonlDataset(args.data, tokenizer)
+        data = JsonlDataset(args.data, tokenizer, processor)
     else:
         data = synthetic_samples(cfg, args.synthetic_samples, args.seed)
     pad_id = cfg.get_text_config().pad_token_id

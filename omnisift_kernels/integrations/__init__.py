@@ -1,7 +1,9 @@
 """Integrations of OmniSIFT compression with model libraries.
 
-``omnisift_kernels.integrations.qwen2_5_omni`` wraps transformers' Qwen2.5-Omni thinker. Importing
-this package does not import transformers; the names below load on first access.
+``omnisift_kernels.integrations.qwen2_5_omni`` wraps transformers' Qwen2.5-Omni thinker;
+``omnisift_kernels.integrations.qwen2_5_omni_inputs`` turns media files into its processor's outputs
+(PyAV decoding, the processor call of each transformers 5.x release). Importing this package does not
+import transformers; the names below load on first access.
 """
 
 from __future__ import annotations

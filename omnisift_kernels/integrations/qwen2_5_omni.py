@@ -19,8 +19,17 @@ The selector is attached as ``thinker.compressor`` so the state dict holds its p
 the authors' release does (``thinker.compressor.v_proj.weight``, ...); the compressor module that
 calls it is kept outside the module tree (no duplicate keys).
 
+What is compressed (spec §9, and **[ours]** where the release has no rule): a video's frames are pruned
+in every layout; audio is selected only when it is a video's own sound track interleaved with its frames
+(``use_audio_in_video=True``: ``<|vision_bos|><|audio_bos|> [V][A]... <|audio_eos|><|vision_eos|>``).
+Audio in its own block (``use_audio_in_video=False``, an audio-only clip) is kept whole **[ours]** and a
+warning says so; images and text are never pruned. A warning also reports config ids that do not match
+the ids in the batch (``check_layout``). Processor outputs, ``mm_token_type_ids`` included, are accepted
+as they come; :mod:`.qwen2_5_omni_inputs` turns media files into them on every 5.x processor.
+
 Supported transformers versions: **5.0 <= version < 6.0** (:data:`SUPPORTED_TRANSFORMERS`); the test
-suite was run with 5.0.0, 5.15.1, 5.17.0, 5.23.0 and 5.24.0. From 5.16 ``generate`` keeps the passed 4-row position ids;
+suite was run with 5.0.0, 5.15.1, 5.17.0, 5.22.0, 5.23.0, 5.24.0 and 5.25.0 (the real-processor tests
+with 5.0.0, 5.17.0, 5.22.0, 5.23.0, 5.24.0 and 5.25.0). From 5.16 ``generate`` keeps the passed 4-row position ids;
 5.0-5.15 drop them in the thinker's ``prepare_inputs_for_generation``, so there the prefill gets them
 through a per-call override and decoding follows ``rope_deltas`` (same positions, checked by the tests).
 4.x is refused (its thinker and generate internals differ; the spec's facts are for 5.x).
@@ -31,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -38,12 +48,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..modules import OmniSIFTCompressor
+from ..presets import get_preset
 from ..result import CompressionResult
 from ..selector import VisionGuidedAudioSelector
 from .. import synthetic as syn
 
 SUPPORTED_TRANSFORMERS = ("5.0", "6.0")  # [min, max)
-TESTED_TRANSFORMERS = ("5.0.0", "5.15.1", "5.17.0", "5.23.0", "5.24.0")
+TESTED_TRANSFORMERS = ("5.0.0", "5.15.1", "5.17.0", "5.22.0", "5.23.0", "5.24.0", "5.25.0")
 
 _MEDIA_KEYS = (
     "input_features",
@@ -55,7 +66,11 @@ _MEDIA_KEYS = (
     "video_grid_thw",
     "video_second_per_grid",
     "use_audio_in_video",
+    # The processor's ``return_mm_token_type_ids=True`` output: which placeholder kind each token is.
+    # The ids already say that; accepted and not needed.
+    "mm_token_type_ids",
 )
+_IGNORED_KEYS = ("mm_token_type_ids",)
 COMPRESSOR_PREFIXES = ("module.thinker.compressor.", "thinker.compressor.", "module.compressor.", "compressor.")
 
 
@@ -187,9 +202,13 @@ class OmniSIFTThinker(nn.Module):
         compressor: an :class:`~omnisift_kernels.OmniSIFTCompressor` (or any module with a ``selector``
             attribute and its call signature), a :class:`VisionGuidedAudioSelector` (wrapped in an
             ``OmniSIFTCompressor``), or None (a new selector of width D in the thinker's dtype and device).
-        rho_video: default fraction of each video frame's tokens removed (per call override).
-        rho_audio: default fraction of each scored audio chunk removed (per call override).
-        use_audio_in_video: None detects it from the ids (``<|vision_bos|><|audio_bos|>``).
+        preset: a ratio preset of :data:`omnisift_kernels.PRESETS` (``"paper-35"``, ``"paper-25"``,
+            ``"release-default"``); it overrides ``rho_video`` and ``rho_audio``, as the compressor's does.
+        rho_video: default fraction of each video frame's tokens removed (per call override; 0.7 when
+            neither it nor a preset is given).
+        rho_audio: default fraction of each scored audio chunk removed (per call override; 0.3 default).
+        use_audio_in_video: None detects it from the ids (``<|vision_bos|><|audio_bos|>`` with the config's
+            ``vision_start_token_id`` and ``audio_start_token_id``).
         backend: backend of the ``OmniSIFTCompressor`` built here (``"auto"``, ``"reference"``, ``"cpu"``,
             ``"triton"``); ignored when a compressor module is given.
 
@@ -199,7 +218,7 @@ class OmniSIFTThinker(nn.Module):
             original lengths and the retention (audio+video kept / total).
         last_keep_mask: bool ``[B, L]`` of the last call.
 
-    Supported transformers: 5.0 <= version < 6.0 (tested 5.0.0, 5.15.1, 5.17.0, 5.23.0, 5.24.0); others raise.
+    Supported transformers: 5.0 <= version < 6.0 (tested: :data:`TESTED_TRANSFORMERS`); others raise.
     """
 
     def __init__(
@@ -207,13 +226,21 @@ class OmniSIFTThinker(nn.Module):
         thinker: nn.Module,
         compressor: nn.Module | None = None,
         *,
-        rho_video: float = 0.7,
-        rho_audio: float = 0.3,
+        preset: str | None = None,
+        rho_video: float | None = None,
+        rho_audio: float | None = None,
         use_audio_in_video: bool | None = None,
         backend: str = "auto",
     ) -> None:
         check_transformers_version()
         super().__init__()
+        if preset is not None:
+            if not isinstance(preset, str):
+                raise TypeError(f"OmniSIFTThinker: preset must be a str, got {type(preset).__name__}")
+            chosen = get_preset(preset)
+            rho_video, rho_audio = chosen.rho_video, chosen.rho_audio
+        rho_video = 0.7 if rho_video is None else rho_video
+        rho_audio = 0.3 if rho_audio is None else rho_audio
         for name in ("get_rope_index", "get_audio_features", "get_video_features", "get_input_embeddings"):
             if not hasattr(thinker, name):
                 raise TypeError(
@@ -247,6 +274,7 @@ class OmniSIFTThinker(nn.Module):
         object.__setattr__(self, "_compressor", compressor)
         self.rho_video = rho_video
         self.rho_audio = rho_audio
+        self.preset = preset
         self.use_audio_in_video = use_audio_in_video
         self.last_stats: dict[str, Any] | None = None
         self.last_keep_mask: torch.Tensor | None = None
@@ -281,6 +309,91 @@ class OmniSIFTThinker(nn.Module):
             return False
         pair = (input_ids[:, :-1] == cfg.vision_start_token_id) & (input_ids[:, 1:] == cfg.audio_start_token_id)
         return bool(pair.any())
+
+    def audio_in_video_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Bool ``[B, L]``: the audio tokens that are a video's own sound track.
+
+        Those lie inside ``<|vision_bos|><|audio_bos|> ... <|audio_eos|><|vision_eos|>`` (the layout of
+        ``use_audio_in_video=True``), with the config's ids. Audio in its own ``<|audio_bos|> ...
+        <|audio_eos|>`` block (``use_audio_in_video=False``, or an audio-only clip) is not.
+        """
+        cfg = self.thinker.config
+        ids = input_ids
+        opens = torch.zeros_like(ids, dtype=torch.int32)
+        closes = torch.zeros_like(ids, dtype=torch.int32)
+        if ids.shape[1] >= 2:
+            opens[:, 1:] = ((ids[:, :-1] == cfg.vision_start_token_id) & (ids[:, 1:] == cfg.audio_start_token_id)).int()
+            closes[:, :-1] = ((ids[:, :-1] == cfg.audio_end_token_id) & (ids[:, 1:] == cfg.vision_end_token_id)).int()
+        depth = opens.cumsum(-1) - closes.cumsum(-1) + closes  # the closing token still counts as inside
+        return (ids == cfg.audio_token_id) & (depth > 0)
+
+    def check_layout(self, input_ids: torch.Tensor, use_audio_in_video: bool | None) -> None:
+        """Warns when the ids and the config (or the ``use_audio_in_video`` flag) disagree.
+
+        Audio-in-video detection, TMRoPE positions and OmniSIFT's chunks all rely on the config's special
+        ids matching the tokenizer's. A mismatch does not fail: transformers builds wrong positions and
+        video pruning silently finds nothing to prune, so it is reported here.
+        """
+        cfg = self.thinker.config
+        ids = input_ids
+        n_video = int((ids == cfg.video_token_id).sum())
+        n_image = int((ids == cfg.image_token_id).sum())
+        n_audio = int((ids == cfg.audio_token_id).sum())
+        n_vbos = int((ids == cfg.vision_start_token_id).sum())
+        if (n_video or n_image) and n_vbos == 0:
+            warnings.warn(
+                f"OmniSIFTThinker: input_ids hold {n_video} video and {n_image} image placeholder tokens but "
+                f"never the config's vision_start_token_id={cfg.vision_start_token_id}: the config's special ids "
+                "do not match the tokenizer's. Positions, audio-in-video detection and video pruning are then "
+                "wrong (pruning may silently keep everything). Build the config with the tokenizer's ids "
+                "(vision_start/end, audio_start/end, audio/image/video token ids).",
+                stacklevel=3,
+            )
+            return
+        detected = self._detect_audio_in_video(ids)
+        interleaved = False
+        if n_video and n_audio:
+            # An audio token between two video tokens of the same row: the audio-in-video layout.
+            is_v = ids == cfg.video_token_id
+            before = is_v.int().cumsum(-1) > 0
+            after = is_v.flip(-1).int().cumsum(-1).flip(-1) > 0
+            interleaved = bool(((ids == cfg.audio_token_id) & before & after).any())
+        if interleaved and not detected:
+            warnings.warn(
+                "OmniSIFTThinker: audio tokens are interleaved with video tokens (a video with its sound track) "
+                f"but the config's pair vision_start_token_id={cfg.vision_start_token_id}, "
+                f"audio_start_token_id={cfg.audio_start_token_id} never occurs: the config's special ids do not "
+                "match the tokenizer's, so audio-in-video detection, positions and chunking are wrong.",
+                stacklevel=3,
+            )
+        elif use_audio_in_video is not None and bool(use_audio_in_video) != detected and (n_video or n_audio):
+            warnings.warn(
+                f"OmniSIFTThinker: use_audio_in_video={bool(use_audio_in_video)} but the ids "
+                f"{'contain' if detected else 'do not contain'} a video with its sound track "
+                "(<|vision_bos|><|audio_bos|>); transformers' positions follow the flag and will not match the "
+                "layout. Pass the flag the processor was called with, or leave it None (detected from the ids).",
+                stacklevel=3,
+            )
+
+    def _warn_uncompressible(self, input_ids: torch.Tensor, in_video: torch.Tensor,
+                             rho_video: float, rho_audio: float) -> None:
+        cfg = self.thinker.config
+        has_video = bool((input_ids == cfg.video_token_id).any())
+        standalone = bool(((input_ids == cfg.audio_token_id) & ~in_video).any())
+        if standalone and rho_audio > 0:
+            warnings.warn(
+                "OmniSIFTThinker: audio that is not a video's own sound track (use_audio_in_video=False, or an "
+                "audio-only clip) is never compressed: vision-guided selection scores audio against the video "
+                "frames of the same time span, which such audio does not have. All of it is kept "
+                "(rho_audio applies only to the sound track of a video given with use_audio_in_video=True).",
+                stacklevel=3,
+            )
+        if not has_video and (rho_video > 0 or rho_audio > 0):
+            warnings.warn(
+                "OmniSIFTThinker: the batch has no video, so OmniSIFT compresses nothing (images are never "
+                "pruned; audio needs video frames as anchors): the sequence is passed on unchanged.",
+                stacklevel=3,
+            )
 
     def merge_modalities(
         self,
@@ -329,6 +442,7 @@ class OmniSIFTThinker(nn.Module):
 
         if use_audio_in_video is None:
             use_audio_in_video = self.use_audio_in_video
+        self.check_layout(input_ids, use_audio_in_video)
         if use_audio_in_video is None:
             use_audio_in_video = self._detect_audio_in_video(input_ids)
         if feature_attention_mask is not None:
@@ -353,20 +467,43 @@ class OmniSIFTThinker(nn.Module):
         rho_audio: float | None = None,
         output: str = "right",
     ) -> CompressionResult:
-        """Runs the compressor with the thinker's token ids and records :attr:`last_stats`."""
+        """Runs the compressor with the thinker's token ids and records :attr:`last_stats`.
+
+        Audio that is not a video's own sound track (see :meth:`audio_in_video_mask`) is shown to the
+        compressor as text, so it is always kept **[ours]**: OmniSIFT's audio selection is guided by the
+        video frames of the same 2-second chunk, which separate audio does not have. (Passed through as
+        is, its TMRoPE time ids would put all of it in the last chunk's window when it follows the video
+        and in no window when it precedes it, so how much is dropped would depend on the order.)
+        In :attr:`last_stats` such audio counts as audio (kept), and ``audio_separate`` gives its count
+        per row.
+        """
         cfg = self.thinker.config
+        rv = self.rho_video if rho_video is None else rho_video
+        ra = self.rho_audio if rho_audio is None else rho_audio
+        in_video = self.audio_in_video_mask(input_ids)
+        self._warn_uncompressible(input_ids, in_video, rv, ra)
+        standalone = (input_ids == cfg.audio_token_id) & ~in_video
+        if bool(standalone.any()):
+            input_ids = input_ids.masked_fill(standalone, cfg.audio_start_token_id)
         res = self._compressor(
             inputs_embeds, input_ids, position_ids, attention_mask, labels,
             video_token_id=cfg.video_token_id, audio_token_id=cfg.audio_token_id,
-            rho_video=self.rho_video if rho_video is None else rho_video,
-            rho_audio=self.rho_audio if rho_audio is None else rho_audio,
+            rho_video=rv,
+            rho_audio=ra,
             output=output,
         )
         stats = res.stats()
         valid = torch.ones_like(res.keep_mask) if attention_mask is None else attention_mask.bool()
+        if attention_mask is not None:
+            standalone = standalone & attention_mask.bool()
+        separate = standalone.sum(-1).tolist()
+        stats["audio_kept"] = [k + n for k, n in zip(stats["audio_kept"], separate)]
+        stats["audio_total"] = [t + n for t, n in zip(stats["audio_total"], separate)]
+        stats["audio_separate"] = separate
         stats["kept_length"] = res.keep_mask.sum(-1).tolist()
         stats["original_length"] = valid.sum(-1).tolist()
-        stats["retention"] = res.retention()
+        total = sum(stats["video_total"]) + sum(stats["audio_total"])
+        stats["retention"] = (sum(stats["video_kept"]) + sum(stats["audio_kept"])) / total if total else 1.0
         self.last_stats = stats
         self.last_keep_mask = res.keep_mask.detach()
         return res
@@ -374,8 +511,9 @@ class OmniSIFTThinker(nn.Module):
     def _prepare(self, input_ids, attention_mask, labels, media, rho_video, rho_audio, output):
         unknown = set(media) - set(_MEDIA_KEYS)
         if unknown:
-            raise TypeError(f"OmniSIFTThinker: unexpected inputs {sorted(unknown)}")
-        media = {k: v for k, v in media.items() if v is not None}
+            raise TypeError(f"OmniSIFTThinker: unexpected inputs {sorted(unknown)}; expected processor outputs "
+                            f"among {sorted(_MEDIA_KEYS)}")
+        media = {k: v for k, v in media.items() if v is not None and k not in _IGNORED_KEYS}
         embeds, pos, mask = self.merge_modalities(input_ids, attention_mask, **media)
         shift_labels = None
         if labels is not None:
@@ -637,7 +775,10 @@ def collate_inputs(samples: list[dict[str, Any]], pad_token_id: int, padding_sid
             batch[key] = torch.cat(parts)
     flags = {bool(s["use_audio_in_video"]) for s in rows if s.get("use_audio_in_video") is not None}
     if len(flags) > 1:
-        raise ValueError("collate_inputs: samples disagree on use_audio_in_video")
+        raise ValueError(
+            "collate_inputs: samples disagree on use_audio_in_video (transformers' get_rope_index takes one flag "
+            "per batch): batch videos with their sound track apart from videos without it"
+        )
     if flags:
         batch["use_audio_in_video"] = flags.pop()
     return batch
@@ -698,14 +839,42 @@ def load_thinker(
     return thinker, torch_dtype
 
 
-def tiny_thinker_config(hidden_size: int = 32, num_layers: int = 2, vocab_size: int = 128):
-    """A tiny random ``Qwen2_5OmniThinkerConfig`` with remapped special ids (below ``vocab_size``).
+def tiny_thinker_config(
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    vocab_size: int = 128,
+    *,
+    pad_token_id: int | None = None,
+    token_ids: dict[str, int] | None = None,
+):
+    """A tiny random ``Qwen2_5OmniThinkerConfig``.
 
     Text: ``hidden_size``, ``num_layers`` layers, 4 heads (2 KV), mrope section [2, 1, 1]. Vision: depth 1,
     width 32, patch 14, temporal patch 2, spatial merge 2. Audio: 1 layer, width 32, 128 mel bins.
+
+    Args:
+        hidden_size, num_layers: the text model's width and depth.
+        vocab_size: the text vocabulary (at least the tokenizer's length when one is used).
+        pad_token_id: the text config's pad id (default :data:`TINY_PAD_ID`).
+        token_ids: the special ids, keyed as :data:`TINY_IDS` (``audio_token_index``, ``image_token_index``,
+            ``video_token_index``, ``audio_start_token_id``, ``audio_end_token_id``,
+            ``vision_start_token_id``, ``vision_end_token_id``); missing keys take :data:`TINY_IDS`' values.
+            Give a real tokenizer's ids here so the config matches it.
     """
     check_transformers_version()
     from transformers import Qwen2_5OmniThinkerConfig
+
+    ids = dict(TINY_IDS)
+    if token_ids:
+        unknown = set(token_ids) - set(TINY_IDS)
+        if unknown:
+            raise ValueError(f"tiny_thinker_config: token_ids keys must be among {sorted(TINY_IDS)}; "
+                             f"got unknown {sorted(unknown)}")
+        ids.update({k: int(v) for k, v in token_ids.items()})
+    pad = TINY_PAD_ID if pad_token_id is None else int(pad_token_id)
+    too_big = {k: v for k, v in dict(ids, pad_token_id=pad).items() if not 0 <= v < vocab_size}
+    if too_big:
+        raise ValueError(f"tiny_thinker_config: ids must be in [0, vocab_size={vocab_size}); got {too_big}")
 
     heads = 4
     head_dim = hidden_size // heads
@@ -715,7 +884,7 @@ def tiny_thinker_config(hidden_size: int = 32, num_layers: int = 2, vocab_size: 
         text_config=dict(
             vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
             num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=2,
-            max_position_embeddings=4096, pad_token_id=TINY_PAD_ID,
+            max_position_embeddings=4096, pad_token_id=pad,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section},
         ),
         vision_config=dict(
@@ -726,7 +895,7 @@ def tiny_thinker_config(hidden_size: int = 32, num_layers: int = 2, vocab_size: 
             encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32, d_model=32, output_dim=hidden_size,
             num_mel_bins=128, n_window=100, max_source_positions=1500,
         ),
-        **TINY_IDS,
+        **ids,
     )
 
 
@@ -736,7 +905,7 @@ def tiny_random_thinker(seed: int = 0, **config_kwargs: Any):
 
     torch.manual_seed(seed)
     model = Qwen2_5OmniThinkerForConditionalGeneration(tiny_thinker_config(**config_kwargs))
-    model.generation_config.pad_token_id = TINY_PAD_ID
+    model.generation_config.pad_token_id = model.config.get_text_config().pad_token_id
     return model.eval()
 
 
