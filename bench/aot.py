@@ -267,11 +267,22 @@ def _gather_cases(dtypes, quick):
             yield dt, default, f"D={D} T={T}", call
 
 
+def _check_cases():
+    import torch
+
+    from omnisift_kernels.triton_kernels import check as C
+
+    sizes = torch.empty(C.NUM_SIZES, dtype=torch.int64, device="meta")
+    violations = torch.empty(C.NUM_VIOLATIONS, dtype=torch.int64, device="meta")
+    yield "int64", True, "plan sizes", lambda: C.grid_matches(sizes, violations, [2] * C.NUM_SIZES)
+
+
 def collect_launches(dtypes=DEFAULT_DTYPES, quick=False, kernels=None) -> list[Launch]:
     """Every distinct launch the launchers choose over the sweep (defaults first)."""
     sink: list[Launch] = []
     state = {"dtype": None, "default": False, "shape": None}
-    cases = [*_video_cases(dtypes, quick), *_select_cases(quick), *_gather_cases(dtypes, quick)]
+    cases = [*_video_cases(dtypes, quick), *_select_cases(quick), *_gather_cases(dtypes, quick),
+             *_check_cases()]
     with recording(sink, state):
         for dt, default, label, call in cases:
             state.update(dtype=dt, default=default, shape=label)

@@ -115,8 +115,8 @@ def gather_ste_backward_triton(grad_out, x, indices, scores_dtype=torch.float32)
     grad_scores = torch.zeros((B, L), dtype=scores_dtype, device=x.device)
     if T == 0 or D == 0:
         return grad_x, grad_scores
-    block_d = min(256, next_pow2(D))
-    block_t = max(4, min(64, 2048 // block_d))
+    block_d = min(128, next_pow2(D))  # [8, 128] bf16 tiles: no sm_80 spill (bench/results/aot/)
+    block_t = max(4, min(64, 1024 // block_d))
     _gather_ste_bwd_kernel[(triton.cdiv(T, block_t),)](
         grad_out, x, indices.contiguous(), grad_x, grad_scores, T, L, B * L, D,
         grad_out.stride(0), grad_out.stride(1), x.stride(0), x.stride(1), x.stride(2),
