@@ -14,14 +14,10 @@ import torch
 
 from omnisift_kernels import VisionGuidedAudioSelector, compress
 from omnisift_kernels.synthetic import clip_row, make_batch
-from omnisift_kernels.testing import (
-    assert_close_scores,
-    near_tie_differences,
-    random_layout,
-    reference_frame_saliency,
-    reference_pair_similarity,
-    reference_video_scores,
-)
+from omnisift_kernels.testing import assert_close_scores, near_tie_differences, random_layout
+from omnisift_kernels.reference.video import frame_pair_similarity as reference_pair_similarity
+from omnisift_kernels.reference.video import frame_saliency as reference_frame_saliency
+from omnisift_kernels.reference.video import video_scores as reference_video_scores
 from omnisift_kernels.triton_kernels import TRITON_AVAILABLE
 
 if TRITON_AVAILABLE:
