@@ -209,8 +209,8 @@ def _video_cases(dtypes, quick):
     import torch
 
     from omnisift_kernels.triton_kernels import video as V
+    from omnisift_kernels.triton_kernels.accumulation import ACCUMULATION_MODES as modes
 
-    modes = V.ACCUMULATION_MODES if hasattr(V, "ACCUMULATION_MODES") else (None,)
     frames = MODEL_FRAMES[:1] if quick else MODEL_FRAMES
     shapes = [(d, s, s * n, True) for d in MODEL_D for s, n in frames]
     if not quick:

@@ -1,5 +1,5 @@
-"""Measures the fast path's CPU choices on this machine (the figures quoted in
-``omnisift_kernels/cpu_gemm.py``, ``csrc/cpu_alloc.h`` and the READMEs).
+"""Measures the fast path's CPU choices on this machine (the figures in ``docs/cpu.md``, whose
+reasons ``omnisift_kernels/cpu_gemm.py`` and ``csrc/cpu_alloc.h`` explain).
 
     python -m bench.cpu_choices [--rounds 12]
 

@@ -97,7 +97,7 @@ def index_plan(plan: DevicePlan, sizes: PlanSizes) -> IndexPlan:
     """Stage 3: exact-size CSR lists from the stage-1 buffers (no sync).
 
     On CPU tensors (outside ``torch.compile`` tracing) the extension's ``omnisift::index_plan_cpu``
-    builds them in two passes over the tokens (0.044 vs 0.25 ms at omni7b-20s); elsewhere
+    builds them in two passes over the tokens; elsewhere
     :func:`_index_plan_torch`, the contract, whose lists it equals exactly.
     """
     if (plan.is_video.device.type == "cpu" and not torch.compiler.is_compiling()
