@@ -209,8 +209,8 @@ def _video_cases(dtypes, quick):
     import torch
 
     from omnisift_kernels.triton_kernels import video as V
+    from omnisift_kernels.triton_kernels.accumulation import ACCUMULATION_MODES as modes
 
-    modes = V.ACCUMULATION_MODES if hasattr(V, "ACCUMULATION_MODES") else (None,)
     frames = MODEL_FRAMES[:1] if quick else MODEL_FRAMES
     shapes = [(d, s, s * n, True) for d in MODEL_D for s, n in frames]
     if not quick:
@@ -229,10 +229,10 @@ def _video_cases(dtypes, quick):
                     V.video_scores_triton(x, tok, off, tok, **kw))
 
 
-def _select_cases(quick):
+def _topk_cases(quick):
     import torch
 
-    from omnisift_kernels.triton_kernels import select as Sel
+    from omnisift_kernels.triton_kernels import topk as Sel
 
     shapes = [(s * n, s, True) for s, n in (MODEL_FRAMES[:1] + MODEL_AUDIO[:1] if quick
                                             else MODEL_FRAMES + MODEL_AUDIO)]
@@ -281,7 +281,7 @@ def collect_launches(dtypes=DEFAULT_DTYPES, quick=False, kernels=None) -> list[L
     """Every distinct launch the launchers choose over the sweep (defaults first)."""
     sink: list[Launch] = []
     state = {"dtype": None, "default": False, "shape": None}
-    cases = [*_video_cases(dtypes, quick), *_select_cases(quick), *_gather_cases(dtypes, quick),
+    cases = [*_video_cases(dtypes, quick), *_topk_cases(quick), *_gather_cases(dtypes, quick),
              *_check_cases()]
     with recording(sink, state):
         for dt, default, label, call in cases:

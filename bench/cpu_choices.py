@@ -1,5 +1,5 @@
-"""Measures the fast path's CPU choices on this machine (the figures quoted in
-``omnisift_kernels/cpu_gemm.py``, ``csrc/cpu_alloc.h`` and the READMEs).
+"""Measures the fast path's CPU choices on this machine (the figures in ``docs/cpu.md``, whose
+reasons ``omnisift_kernels/cpu_gemm.py`` and ``csrc/cpu_alloc.h`` explain).
 
     python -m bench.cpu_choices [--rounds 12]
 
@@ -114,18 +114,17 @@ def hugepage_outputs(rounds: int) -> None:
 def selector_attention(rounds: int) -> None:
     print("3. selector attention [10, 50 | 198, 512], 8 heads: chunk_attention_cpu vs "
           "scaled_dot_product_attention, alternating blocks of 4 calls")
-    from omnisift_kernels import cpu_attention
-    from omnisift_kernels.selector import heads_attention
+    from omnisift_kernels.ops import chunk_attention as CA
 
     g = torch.Generator().manual_seed(0)
     q = torch.randn(10, 50, 512, generator=g)
     kv = torch.randn(10, 198, 1024, generator=g)
     k, v = kv[..., :512], kv[..., 512:]
-    if not cpu_attention.kernel_serves(q, k, v, 8):
+    if not CA.kernel_serves(q, k, v, 8):
         print("   the kernel does not serve here (no extension, or no AVX-512 CPU loops)")
         return
     res = _blocks({"kernel": lambda: torch.ops.omnisift.chunk_attention_cpu(q, k, v, None, 8),
-                   "sdpa": lambda: heads_attention(q, k, v, None, 8)}, rounds)
+                   "sdpa": lambda: CA.heads_attention(q, k, v, None, 8)}, rounds)
     ratio = statistics.median(res["sdpa"]) / statistics.median(res["kernel"])
     print(f"   kernel {_summary(res['kernel'])} | sdpa {_summary(res['sdpa'])} | sdpa/kernel {ratio:.2f}")
 

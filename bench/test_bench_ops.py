@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from omnisift_kernels.ops.gather import gather_rows_torch, gather_ste, gather_ste_backward_torch
-from omnisift_kernels.ops.select import segmented_topk_mask_torch
+from omnisift_kernels.ops.topk import segmented_topk_mask_torch
 from omnisift_kernels.ops.video import (
     frame_pair_similarity_torch,
     frame_saliency_torch,

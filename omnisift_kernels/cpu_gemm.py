@@ -1,34 +1,25 @@
 """Which library computes the selector's inference GEMMs on the CPU.
 
-The selector's projections are most of the fast path's time on the CPU (about 12 GFLOP at
-omni7b-20s, paper-35). Two choices matter there, both measured on this project's CPU VMs:
+The selector's projections are most of the fast path's time on the CPU. Two choices matter there
+(their measurements, per CPU, with the commands that made them: ``docs/cpu.md``):
 
 * **fp32**: ATen's ``F.linear`` calls MKL. On AMD CPUs oneDNN's fp32 matmul
-  (``torch.ops.mkldnn._linear_pointwise``) is faster (``python -m bench.cpu_choices``: the two
-  libraries in alternating blocks, 2 threads, medians oneDNN vs MKL):
-
-  - Zen 4 (AVX-512): faster at every selector shape, ``[1980, 3584] x [3584, 512]`` 36.5-37.0 vs
-    45.1-45.3 ms, ``[500, 3584] x [3584, 512]`` 9.1-9.4 vs 11.2 ms, ``[1980, 512] x [512, 1024]``
-    10.0-12.2 vs 12.0-16.1 ms, ``[500, 512] x [512, 512]`` 1.25 vs 1.32 ms; slower only far below
-    ``MIN_MACS`` (the score head's ``[500, 256] x [256, 1]``).
-  - Zen 3 (AVX2): faster for the tall GEMMs (60.5 vs 67.4 ms, 15.8 vs 18.5 ms), not for the
-    500-row ``a_proj`` (13.7 vs 13.9 ms; an earlier run 0.90-0.97x of MKL): ``MIN_ROWS`` there.
-
-  So on AMD oneDNN takes fp32 GEMMs of at least ``MIN_MACS`` multiply-adds, and where the CPU lacks
-  AVX-512 only those of at least ``MIN_ROWS`` rows. On the Intel VM of an earlier session it was
-  not faster: MKL stays.
+  (``torch.ops.mkldnn._linear_pointwise``) measured faster at the selector's tall GEMMs
+  (``python -m bench.cpu_choices``), but not far below ``MIN_MACS`` multiply-adds, and on CPUs
+  without AVX-512 not below ``MIN_ROWS`` rows. So on AMD oneDNN takes fp32 GEMMs of at least
+  ``MIN_MACS`` multiply-adds, and where the CPU lacks AVX-512 only those of at least ``MIN_ROWS``
+  rows. On Intel CPUs it was not faster: MKL stays.
 * **bf16/fp16** parameters on a CPU without AVX-512 (AVX2 only): ATen has no vectorized half
-  precision GEMM there and runs at about 15 GFLOP/s, 7x slower than fp32. The inputs are then
-  widened to fp32 (exact), multiplied with the fp32 GEMM (fp32 accumulation, as every bf16 GEMM
-  accumulates) and the result rounded to the parameters' dtype, which is what a bf16 GEMM
-  computes; only the summation order differs, as between any two GEMM libraries.
+  precision GEMM there and falls far behind its fp32 GEMM. The inputs are then widened to fp32
+  (exact), multiplied with the fp32 GEMM (fp32 accumulation, as every bf16 GEMM accumulates) and the
+  result rounded to the parameters' dtype, which is what a bf16 GEMM computes; only the summation
+  order differs, as between any two GEMM libraries.
 
 Where oneDNN is chosen, it also takes the bf16 GEMMs of the same sizes on CPUs where it computes
-bf16 natively (AVX-512 with BF16 instructions: Zen 4, recent Xeons), rather than through
-``F.linear``; and its weights are reordered into its blocked layout once per weight and version
-(:func:`_packed_weight`; one reordered copy per weight used is kept while the weight lives, 19 MB
-for the fp32 selector at D=3584), not on every call: bit-identical results, and on Zen 4 at omni7b-20s
-end to end (a release-loop call before each) fp32 80.8 -> 74.9 ms, bf16 48.8 -> 43.9 ms with both.
+bf16 natively (AVX-512 with BF16 instructions), rather than through ``F.linear``; and its weights
+are reordered into its blocked layout once per weight and version (:func:`_packed_weight`; one
+reordered copy per weight used is kept while the weight lives), not on every call: bit-identical
+results without the per-call reorder.
 
 Widening applies at every size. All of this only on the CPU, outside ``torch.compile`` tracing and when
 no gradient is recorded (training keeps ``F.linear`` and its autograd). Results differ from
@@ -164,8 +155,8 @@ _PACKED: dict[tuple, tuple] = {}
 
 def _packed_weight(weight: torch.Tensor, dtype: torch.dtype, rows: int) -> torch.Tensor:
     """``weight`` (a view of a parameter is fine) in ``dtype``, reordered for oneDNN's matmul once
-    (``mkldnn._reorder_linear_weight``; the GEMM then skips that reorder on every call: about 1.3 ms
-    of the 36 ms fp32 ``v_proj`` at omni7b-20s). Results are bit-identical to the plain weight's."""
+    (``mkldnn._reorder_linear_weight``; the GEMM then skips that reorder on every call). Results are
+    bit-identical to the plain weight's."""
     owner = weight._base if weight._base is not None else weight
     key = (id(owner), weight.data_ptr(), tuple(weight.shape), tuple(weight.stride()), weight.dtype, dtype)
     hit = _PACKED.get(key)

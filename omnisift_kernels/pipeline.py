@@ -30,7 +30,8 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from . import cpu_attention, cpu_gemm, ops
+from . import cpu_gemm, ops
+from .ops.chunk_attention import chunk_attention
 from ._ext import cpu_block_cache, ext_has_kernel
 from ._validation import all_finite, check_finite, layout_error, layout_violations, non_finite_error
 from .plan import DevicePlan, PlanSizes, build_plan, check_grid, grid_mismatch_error, read_sizes, sizes_from_grid
@@ -96,7 +97,7 @@ def index_plan(plan: DevicePlan, sizes: PlanSizes) -> IndexPlan:
     """Stage 3: exact-size CSR lists from the stage-1 buffers (no sync).
 
     On CPU tensors (outside ``torch.compile`` tracing) the extension's ``omnisift::index_plan_cpu``
-    builds them in two passes over the tokens (0.044 vs 0.25 ms at omni7b-20s); elsewhere
+    builds them in two passes over the tokens; elsewhere
     :func:`_index_plan_torch`, the contract, whose lists it equals exactly.
     """
     if (plan.is_video.device.type == "cpu" and not torch.compiler.is_compiling()
@@ -221,7 +222,7 @@ def audio_scores(
     dev = x.device
     dtype = selector.param_dtype
     linear = cpu_gemm.linear if dev.type == "cpu" else F.linear
-    attention = cpu_attention.attention if dev.type == "cpu" else None
+    attention = chunk_attention if dev.type == "cpu" else None
     uniform_video = sizes.max_chunk_video >= 1 and sizes.num_video_kept == C * sizes.max_chunk_video
     if video_rows is None or not uniform_video:
         # Surviving video, grouped by chunk (video_index is ascending, so chunks are contiguous runs).
@@ -257,7 +258,7 @@ def audio_scores(
     else:
         a_blocks = a.new_zeros(C, max(sizes.max_chunk_audio, 1), H).index_put((audio_chunk, audio_rank), a)
     attended = selector.attend(a_blocks, v_blocks, padding, linear=linear, attention=attention)
-    block_scores = selector._head(attended, a_blocks, linear=linear)
+    block_scores = selector.head_scores(attended, a_blocks, linear=linear)
     return block_scores.reshape(-1) if uniform_audio else block_scores[audio_chunk, audio_rank]
 
 

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .ops.chunk_attention import heads_attention
+
 
 class VisionGuidedAudioSelector(nn.Module):
     """Scores audio tokens by cross-attending to the chunk's surviving video tokens.
@@ -65,7 +67,9 @@ class VisionGuidedAudioSelector(nn.Module):
                 f"got shape {tuple(t.shape)}"
             )
 
-    def _head(self, attended: torch.Tensor, audio_hidden: torch.Tensor, linear=F.linear) -> torch.Tensor:
+    def head_scores(self, attended: torch.Tensor, audio_hidden: torch.Tensor, linear=F.linear) -> torch.Tensor:
+        """fp32 scores ``[..., La]`` from the cross attention's output: the residual, ``post_attn_norm``
+        and ``score_head`` (``linear`` computes its two layers, as in :meth:`attend`)."""
         x = self.post_attn_norm(attended + audio_hidden)
         hidden, out = self.score_head[0], self.score_head[2]  # Linear, SiLU, Linear
         x = linear(F.silu(linear(x, hidden.weight, hidden.bias)), out.weight, out.bias)
@@ -95,7 +99,7 @@ class VisionGuidedAudioSelector(nn.Module):
         v = self.v_norm(self.v_proj(video.to(dtype)))[None]
         a = self.a_norm(self.a_proj(audio.to(dtype)))[None]
         h, _ = self.cross_attn(a, v, v, need_weights=False)
-        return self._head(h, a)[0]
+        return self.head_scores(h, a)[0]
 
     def score_chunks(
         self,
@@ -130,7 +134,7 @@ class VisionGuidedAudioSelector(nn.Module):
         dtype = self.param_dtype
         v = self.v_norm(self.v_proj(video.to(dtype)))
         a = self.a_norm(self.a_proj(audio.to(dtype)))
-        return self._head(self.attend(a, v, video_padding_mask), a)
+        return self.head_scores(self.attend(a, v, video_padding_mask), a)
 
     def attend(self, a: torch.Tensor, v: torch.Tensor, video_padding_mask: torch.Tensor | None,
                linear=F.linear, attention=None) -> torch.Tensor:
@@ -141,8 +145,8 @@ class VisionGuidedAudioSelector(nn.Module):
         padding). ``linear``: computes the four projections (``F.linear``, or the fast path's
         :func:`omnisift_kernels.cpu_gemm.linear`); ``attention``: the attention of the projected
         heads, ``attention(q, k, v, key_padding, num_heads) -> [C, La, H]`` (default
-        :func:`heads_attention`, ``scaled_dot_product_attention``; the CPU fast path passes
-        :func:`omnisift_kernels.cpu_attention.attention`).
+        :func:`omnisift_kernels.ops.chunk_attention.heads_attention`, ``scaled_dot_product_attention``; the CPU fast path passes
+        :func:`omnisift_kernels.ops.chunk_attention.chunk_attention`).
         """
         H = self.hidden_dim
         w, b = self.cross_attn.in_proj_weight, self.cross_attn.in_proj_bias
@@ -150,37 +154,6 @@ class VisionGuidedAudioSelector(nn.Module):
         kv = linear(v, w[H:], b[H:])  # keys and values in one GEMM (rows H:3H of the packed weight)
         o = (attention or heads_attention)(q, kv[..., :H], kv[..., H:], video_padding_mask, self.num_heads)
         return linear(o, self.cross_attn.out_proj.weight, self.cross_attn.out_proj.bias)
-
-
-def heads_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding: torch.Tensor | None,
-                    num_heads: int) -> torch.Tensor:
-    """Multi-head scaled dot-product attention of per-chunk projected rows, by
-    ``F.scaled_dot_product_attention`` (scale ``1 / sqrt(head_dim)``).
-
-    Args:
-        q: ``[C, La, E]`` projected queries; k, v: ``[C, Lv, E]`` projected keys and values (views
-            are fine); head h is the h-th slice of width ``E / num_heads``.
-        key_padding: bool ``[C, Lv]``, True at padding keys (left out), or None. Every chunk needs
-            at least one real key (a fully padded chunk yields NaN).
-        num_heads: number of heads.
-
-    Returns:
-        ``[C, La, E]`` in ``q``'s dtype: the heads' outputs side by side.
-    """
-    C, La, E = q.shape
-    Lv = k.shape[1]
-    hd = E // num_heads
-    qh = q.reshape(C, La, num_heads, hd).transpose(1, 2)
-    kh = k.reshape(C, Lv, num_heads, hd).transpose(1, 2)
-    vh = v.reshape(C, Lv, num_heads, hd).transpose(1, 2)
-    # Additive mask rather than bool: SDPA's math path treats both alike, this one is accepted by
-    # every backend. -inf on padding only.
-    bias = None
-    if key_padding is not None:
-        bias = torch.zeros(C, 1, 1, Lv, dtype=q.dtype, device=q.device)
-        bias = bias.masked_fill(key_padding[:, None, None, :], float("-inf"))
-    o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=bias)
-    return o.transpose(1, 2).reshape(C, La, E)
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -31,12 +31,10 @@ from omnisift_kernels import (
 )
 from omnisift_kernels.layout import Audio, Image, Text, Video
 from omnisift_kernels.synthetic import clip_row, make_batch
-from omnisift_kernels.testing import (
-    reference_frame_saliency,
-    reference_pair_similarity,
-    reference_topk_mask,
-    reference_video_scores,
-)
+from omnisift_kernels.reference.topk import segmented_topk_mask as reference_topk_mask
+from omnisift_kernels.reference.video import frame_pair_similarity as reference_pair_similarity
+from omnisift_kernels.reference.video import frame_saliency as reference_frame_saliency
+from omnisift_kernels.reference.video import video_scores as reference_video_scores
 from omnisift_kernels.triton_kernels import TRITON_AVAILABLE, triton_on_cpu
 
 D = 16

@@ -21,14 +21,11 @@ from omnisift_kernels.ops import (
 )
 from omnisift_kernels.ops import varlen as VL
 from omnisift_kernels.ops.video import video_scores_torch
-from omnisift_kernels.testing import (
-    assert_close_scores,
-    random_layout,
-    reference_frame_saliency,
-    reference_pair_similarity,
-    reference_topk_mask,
-    reference_video_scores,
-)
+from omnisift_kernels.testing import assert_close_scores, random_layout
+from omnisift_kernels.reference.topk import segmented_topk_mask as reference_topk_mask
+from omnisift_kernels.reference.video import frame_pair_similarity as reference_pair_similarity
+from omnisift_kernels.reference.video import frame_saliency as reference_frame_saliency
+from omnisift_kernels.reference.video import video_scores as reference_video_scores
 from omnisift_kernels.triton_kernels import TRITON_AVAILABLE
 
 pytestmark = pytest.mark.gpu

@@ -15,14 +15,10 @@ from omnisift_kernels.ops.video import (
     frame_saliency_torch,
     video_scores_torch,
 )
-from omnisift_kernels.testing import (
-    assert_close_scores,
-    nan_poisoned,
-    random_layout,
-    reference_frame_saliency,
-    reference_pair_similarity,
-    reference_video_scores,
-)
+from omnisift_kernels.testing import assert_close_scores, nan_poisoned, random_layout
+from omnisift_kernels.reference.video import frame_pair_similarity as reference_pair_similarity
+from omnisift_kernels.reference.video import frame_saliency as reference_frame_saliency
+from omnisift_kernels.reference.video import video_scores as reference_video_scores
 from omnisift_kernels.triton_kernels import TRITON_AVAILABLE
 
 if TRITON_AVAILABLE:

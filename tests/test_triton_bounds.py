@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from omnisift_kernels.testing import reference_topk_mask
+from omnisift_kernels.reference.topk import segmented_topk_mask as reference_topk_mask
 from omnisift_kernels.triton_kernels import TRITON_AVAILABLE
 
 if TRITON_AVAILABLE:
-    from omnisift_kernels.triton_kernels.select import segmented_topk_mask_triton
+    from omnisift_kernels.triton_kernels.topk import segmented_topk_mask_triton
 
 pytestmark = [pytest.mark.interpreter, pytest.mark.skipif(not TRITON_AVAILABLE, reason="needs Triton")]
 

@@ -11,6 +11,10 @@ import torch
 
 from omnisift_kernels import _ext
 from omnisift_kernels.ops import varlen as V
+from omnisift_kernels.reference.varlen import varlen_compact as ref_compact
+from omnisift_kernels.reference.varlen import varlen_gather as ref_gather
+from omnisift_kernels.reference.varlen import varlen_pad as ref_pad
+from omnisift_kernels.reference.varlen import varlen_scatter as ref_scatter
 
 HAS_EXT_CPU = _ext.ext_has_kernel("varlen_compact", "CPU")
 BACKENDS = [
@@ -23,48 +27,6 @@ BACKENDS = [
 def backend(request, monkeypatch):
     monkeypatch.setattr(V, "FORCE_FALLBACK", request.param == "fallback")
     return request.param
-
-
-# ------------------------------------------------------------------------------------------------
-# Plain-PyTorch references
-
-
-def ref_compact(x, keep, position_ids=None, labels=None):
-    flat = keep.flatten()
-    seqlens = keep.sum(1)
-    cu = torch.nn.functional.pad(seqlens.cumsum(0), (1, 0)).to(torch.int32)
-    out = {
-        "packed": x.flatten(0, 1)[flat],
-        "indices": flat.nonzero().flatten(),
-        "cu_seqlens": cu,
-        "max_seqlen": int(seqlens.max()) if keep.shape[0] > 0 else 0,
-    }
-    if position_ids is not None:
-        out["position_ids"] = position_ids.flatten(-2)[..., flat]
-    if labels is not None:
-        out["labels"] = labels.flatten()[flat]
-    return out
-
-
-def ref_pad(x, keep, side, pad_value, position_ids=None, position_pad=0, labels=None, label_pad=-100):
-    B, L, D = x.shape
-    lens = [int(k.sum()) for k in keep]
-    W = max(lens) if lens else 0
-    padded = torch.full((B, W, D), pad_value, dtype=x.dtype)
-    mask = torch.zeros(B, W, dtype=torch.int64)
-    pos = None if position_ids is None else torch.full(position_ids.shape[:-2] + (B, W), position_pad,
-                                                      dtype=position_ids.dtype)
-    lab = None if labels is None else torch.full((B, W), label_pad, dtype=labels.dtype)
-    for b in range(B):
-        n = lens[b]
-        sl = slice(0, n) if side == "right" else slice(W - n, W)
-        padded[b, sl] = x[b][keep[b]]
-        mask[b, sl] = 1
-        if pos is not None:
-            pos[..., b, sl] = position_ids[..., b, :][..., keep[b]]
-        if lab is not None:
-            lab[b, sl] = labels[b][keep[b]]
-    return padded, mask, pos, lab, W
 
 
 def make_keep(kind, B, L, gen):
@@ -237,8 +199,8 @@ def test_scatter_inverse(backend, D):
     keep = make_keep("random", B, L, gen)
     res = V.varlen_compact(x, keep)
     out = V.varlen_scatter(res.packed, res.indices, B, L, fill=2.5)
-    ref = torch.where(keep[..., None], x, torch.tensor(2.5, dtype=x.dtype))
-    assert torch.equal(out, ref)
+    assert torch.equal(out, ref_scatter(res.packed, res.indices, B, L, fill=2.5))
+    assert torch.equal(out, torch.where(keep[..., None], x, torch.tensor(2.5, dtype=x.dtype)))
     # non-contiguous packed
     wide = torch.zeros(res.packed.shape[0], 2 * D, dtype=x.dtype)
     wide[:, ::2] = res.packed
@@ -253,7 +215,9 @@ def test_gather_scatter_out_of_range_indices(backend):
     src = torch.arange(12.0).view(4, 3)
     idx = torch.tensor([2, -1, 4, 0])
     assert torch.equal(V.varlen_gather(src, idx), torch.tensor([[6.0, 7, 8], [0, 0, 0], [0, 0, 0], [0, 1, 2]]))
+    assert torch.equal(V.varlen_gather(src, idx), ref_gather(src, idx))
     out = V.varlen_scatter(src, idx, 1, 3, fill=-1.0)
+    assert torch.equal(out, ref_scatter(src, idx, 1, 3, fill=-1.0))
     assert torch.equal(out[0], torch.tensor([[9.0, 10, 11], [-1, -1, -1], [0, 1, 2]]))
 
 
@@ -422,7 +386,7 @@ def test_long_rows_copied_exactly(dtype, D):            # tails of 8-56 bytes, u
     keep = torch.rand(3, 40, generator=g) < 0.6
     flat = x.flatten(0, 1)
     idx = torch.randperm(120, generator=g)[:77]
-    assert torch.equal(torch.ops.omnisift.varlen_gather(flat, idx), flat[idx])
+    assert torch.equal(torch.ops.omnisift.varlen_gather(flat, idx), ref_gather(flat, idx))
     packed = torch.ops.omnisift.varlen_compact(x, keep)[0]
     assert torch.equal(packed, flat[keep.flatten()])
     # The fused video kernel's survivor rows take the same copy: checked against x in

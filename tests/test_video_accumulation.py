@@ -14,17 +14,14 @@ import torch
 
 from omnisift_kernels import VisionGuidedAudioSelector, compress
 from omnisift_kernels.synthetic import clip_row, make_batch
-from omnisift_kernels.testing import (
-    assert_close_scores,
-    near_tie_differences,
-    random_layout,
-    reference_frame_saliency,
-    reference_pair_similarity,
-    reference_video_scores,
-)
+from omnisift_kernels.testing import assert_close_scores, near_tie_differences, random_layout
+from omnisift_kernels.reference.video import frame_pair_similarity as reference_pair_similarity
+from omnisift_kernels.reference.video import frame_saliency as reference_frame_saliency
+from omnisift_kernels.reference.video import video_scores as reference_video_scores
 from omnisift_kernels.triton_kernels import TRITON_AVAILABLE
 
 if TRITON_AVAILABLE:
+    from omnisift_kernels.triton_kernels import accumulation as A
     from omnisift_kernels.triton_kernels import video as V
 
 pytestmark = pytest.mark.skipif(not TRITON_AVAILABLE, reason="needs Triton")
@@ -43,25 +40,25 @@ def _fused_layout(B, L, seed):
 
 
 def test_rule_by_capability(monkeypatch):
-    monkeypatch.delenv(V.ACCUMULATION_ENV, raising=False)
-    assert V.accumulation_mode(torch.device("cpu")) == "fp64"
+    monkeypatch.delenv(A.ACCUMULATION_ENV, raising=False)
+    assert A.accumulation_mode(torch.device("cpu")) == "fp64"
     cuda = torch.device("cuda", 0)
     for cap, mode in [((9, 0), "fp64"), ((8, 0), "fp64"), ((10, 0), "fp64"), ((7, 0), "fp64"),
                       ((8, 6), "compensated"), ((8, 9), "compensated"), ((7, 5), "compensated"),
                       ((12, 0), "compensated"), ((10, 3), "compensated")]:
-        monkeypatch.setattr(V, "_capability", lambda index, cap=cap: cap)
-        assert V.accumulation_mode(cuda) == mode, cap
+        monkeypatch.setattr(A, "_capability", lambda index, cap=cap: cap)
+        assert A.accumulation_mode(cuda) == mode, cap
 
 
 def test_rule_environment_override(monkeypatch):
-    monkeypatch.setenv(V.ACCUMULATION_ENV, "compensated")
-    assert V.accumulation_mode(torch.device("cpu")) == "compensated"
-    monkeypatch.setenv(V.ACCUMULATION_ENV, "fp64")
-    monkeypatch.setattr(V, "_capability", lambda index: (8, 9))
-    assert V.accumulation_mode(torch.device("cuda", 0)) == "fp64"
-    monkeypatch.setenv(V.ACCUMULATION_ENV, "fast")
+    monkeypatch.setenv(A.ACCUMULATION_ENV, "compensated")
+    assert A.accumulation_mode(torch.device("cpu")) == "compensated"
+    monkeypatch.setenv(A.ACCUMULATION_ENV, "fp64")
+    monkeypatch.setattr(A, "_capability", lambda index: (8, 9))
+    assert A.accumulation_mode(torch.device("cuda", 0)) == "fp64"
+    monkeypatch.setenv(A.ACCUMULATION_ENV, "fast")
     with pytest.raises(ValueError, match="OMNISIFT_VIDEO_ACCUMULATION"):
-        V.accumulation_mode(torch.device("cpu"))
+        A.accumulation_mode(torch.device("cpu"))
 
 
 @pytest.mark.interpreter
@@ -137,7 +134,7 @@ def test_out_of_range_indices_read_zero_rows(mode):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_pipeline_masks_match_reference_in_compensated_mode(monkeypatch, dtype):
     monkeypatch.setenv("OMNISIFT_TRITON_ON_CPU", "1")
-    monkeypatch.setenv(V.ACCUMULATION_ENV, "compensated")
+    monkeypatch.setenv(A.ACCUMULATION_ENV, "compensated")
     D = 32
     torch.manual_seed(0)
     sel = VisionGuidedAudioSelector(D, num_heads=4, hidden_dim=16).to(dtype).eval()

@@ -39,7 +39,7 @@ def gather_rows_torch(x, indices):
 
     On the CPU with the extension, rows with unit stride go through ``omnisift::varlen_gather``:
     the same row copy as ``index_select``, into a huge-page backed output when it is large (a fresh
-    34 MB output otherwise costs more in page faults than the copy; see csrc/cpu_alloc.h).
+    large output otherwise costs more in page faults than the copy; see csrc/cpu_alloc.h).
     """
     flat = flat_rows_view(x)
     if (flat is not None and x.device.type == "cpu" and x.stride(2) == 1

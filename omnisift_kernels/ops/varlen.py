@@ -36,6 +36,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .. import _ext
+from .._validation import check_compact_inputs, check_same_device, check_size, check_tensor
 
 __all__ = [
     "PackedBatch",
@@ -311,62 +312,6 @@ _register_cpp_fakes()
 
 
 # ----------------------------------------------------------------------------------------------
-# Validation of the public functions
-
-
-def _tensor(op: str, name: str, t) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    return t
-
-
-def _same_device(op: str, name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
-    if t.device != ref.device:
-        raise ValueError(f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}")
-
-
-def _check_int(op: str, name: str, value, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
-        raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__} {value!r}")
-    if isinstance(value, int) and value < minimum:
-        raise ValueError(f"{op}: {name} must be >= {minimum}, got {value}")
-    return value
-
-
-def _check_compact_inputs(op: str, x, keep, position_ids, labels, total) -> None:
-    _tensor(op, "x", x)
-    _tensor(op, "keep", keep)
-    if x.dim() != 3:
-        raise ValueError(f"{op}: x must be 3-D [B, L, D], got shape {tuple(x.shape)}")
-    B, L = x.shape[0], x.shape[1]
-    if keep.dtype != torch.bool:
-        raise TypeError(f"{op}: keep must be a bool tensor, got {keep.dtype}")
-    if tuple(keep.shape) != (B, L):
-        raise ValueError(f"{op}: keep must have shape [B, L] = {[B, L]}, got {list(keep.shape)}")
-    _same_device(op, "keep", keep, "x", x)
-    if position_ids is not None:
-        _tensor(op, "position_ids", position_ids)
-        ok = (position_ids.dim() == 2 and tuple(position_ids.shape) == (B, L)) or (
-            position_ids.dim() == 3 and tuple(position_ids.shape[1:]) == (B, L)
-        )
-        if not ok:
-            raise ValueError(
-                f"{op}: position_ids must have shape [3, B, L] (or [K, B, L] / [B, L]) with B, L = {B}, {L}, "
-                f"got {list(position_ids.shape)}"
-            )
-        _same_device(op, "position_ids", position_ids, "x", x)
-    if labels is not None:
-        _tensor(op, "labels", labels)
-        if tuple(labels.shape) != (B, L):
-            raise ValueError(f"{op}: labels must have shape [B, L] = {[B, L]}, got {list(labels.shape)}")
-        _same_device(op, "labels", labels, "x", x)
-    if total is not None:
-        _check_int(op, "total", total)
-        if isinstance(total, int) and total > B * L:
-            raise ValueError(f"{op}: total must be <= B*L = {B * L}, got {total}")
-
-
-# ----------------------------------------------------------------------------------------------
 # Public functions
 
 
@@ -402,7 +347,7 @@ def varlen_compact(
         ValueError: mismatched shapes or devices, ``total`` out of range (or wrong, see above).
     """
     op = "varlen_compact"
-    _check_compact_inputs(op, x, keep, position_ids, labels, total)
+    check_compact_inputs(op, x, keep, position_ids, labels, total)
     packed, indices, cu, max_len, pos, lab = _compact_op(x, keep, position_ids, labels, total)
     if total is not None:
         max_len = (cu[1:] - cu[:-1]).max() if x.shape[0] > 0 else cu.new_zeros(())
@@ -452,11 +397,11 @@ def varlen_pad(
         TypeError / ValueError: like :func:`varlen_compact`; ``side`` not "right"/"left".
     """
     op = "varlen_pad"
-    _check_compact_inputs(op, x, keep, position_ids, labels, total)
+    check_compact_inputs(op, x, keep, position_ids, labels, total)
     if side not in ("right", "left"):
         raise ValueError(f"{op}: side must be 'right' or 'left', got {side!r}")
     if max_seqlen is not None:
-        _check_int(op, "max_seqlen", max_seqlen)
+        check_size(op, "max_seqlen", max_seqlen)
     B, L, D = x.shape
     sync_free = total is not None and max_seqlen is not None
     res = varlen_compact(x, keep, position_ids=position_ids, labels=labels, total=total if sync_free else None)
@@ -524,17 +469,17 @@ def varlen_scatter(
         ValueError: wrong ranks, ``T`` mismatch, different devices, negative sizes.
     """
     op = "varlen_scatter"
-    _tensor(op, "packed", packed)
-    _tensor(op, "indices", indices)
+    check_tensor(op, "packed", packed)
+    check_tensor(op, "indices", indices)
     if packed.dim() != 2:
         raise ValueError(f"{op}: packed must be 2-D [T, D], got shape {tuple(packed.shape)}")
     if indices.dtype != torch.int64:
         raise TypeError(f"{op}: indices must be int64, got {indices.dtype}")
     if indices.dim() != 1 or indices.shape[0] != packed.shape[0]:
         raise ValueError(f"{op}: indices must have shape [T] = [{packed.shape[0]}], got {list(indices.shape)}")
-    _same_device(op, "indices", indices, "packed", packed)
-    _check_int(op, "batch", batch)
-    _check_int(op, "seqlen", seqlen)
+    check_same_device(op, "indices", indices, "packed", packed)
+    check_size(op, "batch", batch)
+    check_size(op, "seqlen", seqlen)
     if isinstance(fill, bool) or not isinstance(fill, (int, float)):
         raise TypeError(f"{op}: fill must be a float, got {type(fill).__name__} {fill!r}")
     return _scatter_op(packed, indices, batch, seqlen, float(fill))
@@ -551,13 +496,13 @@ def varlen_gather(src: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         ``[T, D]`` of ``src.dtype``. Differentiable w.r.t. ``src`` (backward: scatter).
     """
     op = "varlen_gather"
-    _tensor(op, "src", src)
-    _tensor(op, "indices", indices)
+    check_tensor(op, "src", src)
+    check_tensor(op, "indices", indices)
     if src.dim() != 2:
         raise ValueError(f"{op}: src must be 2-D [N, D], got shape {tuple(src.shape)}")
     if indices.dtype != torch.int64:
         raise TypeError(f"{op}: indices must be int64, got {indices.dtype}")
     if indices.dim() != 1:
         raise ValueError(f"{op}: indices must be 1-D [T], got shape {list(indices.shape)}")
-    _same_device(op, "indices", indices, "src", src)
+    check_same_device(op, "indices", indices, "src", src)
     return _gather_op(src, indices)

@@ -1,4 +1,11 @@
-"""Readable pure-PyTorch OmniSIFT: the oracle of every fast path (no Triton, no extension)."""
+"""Readable pure-PyTorch OmniSIFT: the oracle of every fast path (no Triton, no extension).
+
+``compress`` and ``plan``: the whole method, chunk by chunk (``reference_compress``, the
+``backend="reference"`` of :func:`omnisift_kernels.compress`). One module per op family, each the
+oracle of that op's tests: ``video`` (frame_saliency, frame_pair_similarity, video_scores), ``topk``
+(segmented_topk_mask), ``gather`` (gather_ste), ``varlen`` (varlen_compact/pad/scatter/gather),
+``chunk_attention`` (the selector's attention).
+"""
 
 from .compress import (
     first_k_by_score,

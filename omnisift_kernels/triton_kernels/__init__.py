@@ -17,7 +17,7 @@ __all__ = ["TRITON_AVAILABLE", "TRITON_ERROR", "triton_on_cpu", "use_triton"]
 if TRITON_AVAILABLE:
     from .check import assert_grid_matches, grid_matches
     from .gather import gather_rows_triton, gather_ste_backward_triton
-    from .select import segmented_topk_mask_triton
+    from .topk import segmented_topk_mask_triton
     from .video import (
         frame_pair_similarity_triton,
         frame_saliency_triton,

@@ -12,25 +12,9 @@ Cosine (``F.cosine_similarity`` in torch 2.13, eps = 1e-8)::
 so a zero vector scores exactly 0 and never NaN. Every sum is accumulated in fp64 and the cosine
 rounded to fp32, as the reference and the CPU kernels do, so near ties rank alike on every backend.
 
-Accumulation modes (constexpr ``COMPENSATED``; launchers' ``accumulation=`` argument):
-
-* ``"fp64"``: fp64 register tiles. Free on GPUs with full-rate fp64 (A100, H100/H200, B200).
-* ``"compensated"``: for GPUs whose fp64 runs at 1/32-1/64 of fp32 (L4, L40, A10, A40, T4, RTX),
-  where fp64 tiles could make the memory-bound pass compute-bound. Each tile element keeps an fp32
-  pair ``(hi, lo)``: products are split exactly with an fma (``a*b = p + fma(a, b, -p)``), sums with
-  Knuth's TwoSum, errors collected in ``lo`` (Ogita-Rump-Oishi Dot2; ~10 fp32 operations per
-  product instead of one fp64 fma). After the loop each lane's pairs are widened and summed in fp64
-  (``BLOCK_T*BLOCK_D`` fp64 adds per program, not per element), and the cosine is formed in fp64 as
-  before. The segment means are stored as fp32 ``hi + lo`` pairs (``[S, 2, D]``). The partial sums
-  are then within ~2^-45 relative of the fp64 ones, so the fp32 cosines equal the fp64 mode's except
-  when the exact value lies that close to an fp32 rounding boundary: masks equal the reference's up
-  to the documented near ties (``testing.near_tie_differences``). Launched with
-  ``enable_fp_fusion=False`` so that no add/multiply pair is contracted into an fma.
-
-Rule (:func:`accumulation_mode`): ``OMNISIFT_VIDEO_ACCUMULATION=fp64|compensated|auto`` overrides;
-under ``auto`` a CUDA device whose compute capability is in :data:`FAST_FP64_CAPABILITIES` (6.0, 7.0,
-8.0, 9.0, 10.0) runs ``"fp64"``, every other CUDA device ``"compensated"``, the CPU (interpreter)
-``"fp64"``. Tests force either mode through the argument.
+Accumulation: constexpr ``COMPENSATED`` selects fp64 register tiles or compensated fp32 pairs
+(``hi + lo``); the launchers' ``accumulation=`` argument and the rule that picks a mode per device
+are in :mod:`.accumulation`.
 
 Bounds: every index read from ``token_index`` / ``pair_index`` / the pairing map is checked against
 ``[0, B*L)`` and ``seg_offsets`` is clamped into ``[0, N]`` before use, so no load leaves ``x``
@@ -72,13 +56,11 @@ plus the small int64 index traffic (``N*8`` bytes per index array) and, for the 
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from .accumulation import compensated_mode, launch_options
 from .dispatch import interpreting, next_pow2
 
 EPS = 1e-8
@@ -346,8 +328,7 @@ def _cos_blocks(D: int, fused: bool, device: torch.device) -> tuple[int, int, in
     accumulators) or 256 (FUSED, five), i.e. ``[4, 128]`` / ``[2, 128]`` at the model's D, x 4
     warps: 4 or 2 accumulator elements per thread, in fp64 or as compensated fp32 pairs alike. The
     registers, spills and occupancy of every configuration, for sm_80 and sm_90, are in
-    ``bench/results/aot.txt`` (``python -m bench.aot``; tiles of 1024 elements spilled in FUSED).
-    Fewer features: more rows per tile. The interpreter gets big tiles (fewer, vectorized programs).
+    ``bench/results/aot/`` (``python -m bench.aot``). Fewer features: more rows per tile. The interpreter gets big tiles (fewer, vectorized programs).
     """
     block_d = min(256, next_pow2(D))
     if device.type == "cpu" and interpreting():
@@ -358,7 +339,7 @@ def _cos_blocks(D: int, fused: bool, device: torch.device) -> tuple[int, int, in
 
 def _mean_blocks(S: int, D: int, device: torch.device) -> tuple[int, int]:
     """``(BLOCK_T, BLOCK_D)`` of ``_segment_mean_kernel``: on the GPU a tile of 1024 elements,
-    ``[8, 128]`` at the model's D (registers per configuration: ``bench/results/aot.txt``).
+    ``[8, 128]`` at the model's D (registers per configuration: ``bench/results/aot/``).
     Narrower feature slices when there are few segments."""
     block_d = min(256 if device.type == "cpu" else 128, next_pow2(D))
     # enough programs to fill an H100 (132 SMs) when there are few segments
@@ -367,51 +348,6 @@ def _mean_blocks(S: int, D: int, device: torch.device) -> tuple[int, int]:
     if device.type == "cpu" and interpreting():
         return max(8, min(64, 4096 // block_d)), block_d
     return max(8, min(64, 1024 // block_d)), block_d
-
-
-ACCUMULATION_MODES = ("fp64", "compensated")
-ACCUMULATION_ENV = "OMNISIFT_VIDEO_ACCUMULATION"
-# (major, minor) compute capabilities whose fp64 rate is half of (or close to) the fp32 rate:
-# P100, V100, A100/A30, H100/H200/GH200, B200/GB200. Every other CUDA device (consumer and
-# workstation cards, L4/L40/A10/A40/T4, Jetson, B300's reduced fp64) runs fp64 at 1/32-1/64.
-FAST_FP64_CAPABILITIES = frozenset({(6, 0), (7, 0), (8, 0), (9, 0), (10, 0)})
-
-
-@functools.lru_cache(maxsize=None)
-def _capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
-
-
-def accumulation_mode(device: torch.device) -> str:
-    """How the video kernels accumulate on ``device``: ``"fp64"`` or ``"compensated"``.
-
-    Rule: ``OMNISIFT_VIDEO_ACCUMULATION`` (``fp64`` | ``compensated`` | ``auto``, read on every
-    call) overrides; under ``auto`` (or unset) a CUDA device whose compute capability is in
-    :data:`FAST_FP64_CAPABILITIES` gets ``"fp64"``, any other CUDA device ``"compensated"``, and the
-    CPU (the interpreter) ``"fp64"``. The capability is a cached host query (no device sync).
-    """
-    env = os.environ.get(ACCUMULATION_ENV, "auto").strip().lower() or "auto"
-    if env in ACCUMULATION_MODES:
-        return env
-    if env != "auto":
-        raise ValueError(f"{ACCUMULATION_ENV} must be fp64, compensated or auto, got {env!r}")
-    if device.type != "cuda":
-        return "fp64"
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return "fp64" if _capability(index) in FAST_FP64_CAPABILITIES else "compensated"
-
-
-def _compensated(op: str, device: torch.device, accumulation) -> bool:
-    mode = accumulation_mode(device) if accumulation is None else accumulation
-    if mode not in ACCUMULATION_MODES:
-        raise ValueError(f"{op}: accumulation must be one of {ACCUMULATION_MODES} or None, got {mode!r}")
-    return mode == "compensated"
-
-
-def _launch_options(compensated: bool) -> dict:
-    """Compensated arithmetic needs every fp32 add and multiply rounded as written: no fma
-    contraction (the fmas it needs are explicit)."""
-    return {"enable_fp_fusion": False} if compensated else {}
 
 
 def _check_out(out, n, name):
@@ -437,7 +373,7 @@ def _segment_means(x, tok, off, pair, compensated):
         x, tok, off, tok if pair is None else pair, mean,
         tok.numel(), B * L, L, D, x.stride(0), x.stride(1), x.stride(2),
         HAS_PAIR=pair is not None, COMPENSATED=compensated, BLOCK_T=block_t, BLOCK_D=block_d,
-        **_launch_options(compensated),
+        **launch_options(compensated),
     )
     return mean
 
@@ -450,7 +386,7 @@ def frame_saliency_triton(x, token_index, seg_offsets, *, out=None, accumulation
         token_index: ``int64 [N]`` flat token indices (CSR values).
         seg_offsets: ``int64 [S+1]`` CSR offsets into ``token_index``.
         out: optional preallocated contiguous ``float32 [N]`` (every element is written).
-        accumulation: ``"fp64"``, ``"compensated"`` or None (:func:`accumulation_mode` decides).
+        accumulation: ``"fp64"``, ``"compensated"`` or None (:func:`.accumulation.accumulation_mode` decides).
 
     Returns:
         ``float32 [N]``.
@@ -462,7 +398,7 @@ def frame_saliency_triton(x, token_index, seg_offsets, *, out=None, accumulation
         N, dtype=torch.float32, device=x.device)
     if N == 0:
         return out
-    comp = _compensated("frame_saliency", x.device, accumulation)
+    comp = compensated_mode("frame_saliency", x.device, accumulation)
     tok = token_index.contiguous()
     off = seg_offsets.contiguous()
     mean = _segment_means(x, tok, off, None, comp)
@@ -471,7 +407,7 @@ def frame_saliency_triton(x, token_index, seg_offsets, *, out=None, accumulation
         x, tok, tok, off, mean, tok, tok, out,
         N, B * L, S, L, D, x.stride(0), x.stride(1), x.stride(2),
         MODE=MODE_SALIENCY, COMPENSATED=comp, N_ITERS=max(1, S.bit_length()),
-        BLOCK_T=block_t, BLOCK_D=block_d, EPS=EPS, num_warps=warps, **_launch_options(comp),
+        BLOCK_T=block_t, BLOCK_D=block_d, EPS=EPS, num_warps=warps, **launch_options(comp),
     )
     return out
 
@@ -484,7 +420,7 @@ def frame_pair_similarity_triton(x, first_index, second_index, *, out=None, accu
         first_index: ``int64 [M]`` flat token indices.
         second_index: ``int64 [M]`` flat token indices.
         out: optional preallocated contiguous ``float32 [M]``.
-        accumulation: ``"fp64"``, ``"compensated"`` or None (:func:`accumulation_mode` decides).
+        accumulation: ``"fp64"``, ``"compensated"`` or None (:func:`.accumulation.accumulation_mode` decides).
 
     Returns:
         ``float32 [M]``.
@@ -495,7 +431,7 @@ def frame_pair_similarity_triton(x, first_index, second_index, *, out=None, accu
         M, dtype=torch.float32, device=x.device)
     if M == 0:
         return out
-    comp = _compensated("frame_pair_similarity", x.device, accumulation)
+    comp = compensated_mode("frame_pair_similarity", x.device, accumulation)
     first = first_index.contiguous()
     second = second_index.contiguous()
     block_t, block_d, warps = _cos_blocks(D, False, x.device)
@@ -503,7 +439,7 @@ def frame_pair_similarity_triton(x, first_index, second_index, *, out=None, accu
         x, second, first, first, out, first, first, out,
         M, B * L, 1, L, D, x.stride(0), x.stride(1), x.stride(2),
         MODE=MODE_PAIR, COMPENSATED=comp, N_ITERS=1,
-        BLOCK_T=block_t, BLOCK_D=block_d, EPS=EPS, num_warps=warps, **_launch_options(comp),
+        BLOCK_T=block_t, BLOCK_D=block_d, EPS=EPS, num_warps=warps, **launch_options(comp),
     )
     return out
 
@@ -546,7 +482,7 @@ def video_scores_triton(x, token_index, seg_offsets, pair_index, *, out=None, ac
         pair_index: ``int64 [N]``: ``-1`` for a saliency token, else the flat index of the token
             it is compared with.
         out: optional preallocated contiguous ``float32 [N]``.
-        accumulation: ``"fp64"``, ``"compensated"`` or None (:func:`accumulation_mode` decides).
+        accumulation: ``"fp64"``, ``"compensated"`` or None (:func:`.accumulation.accumulation_mode` decides).
 
     Returns:
         ``float32 [N]``.
@@ -558,7 +494,7 @@ def video_scores_triton(x, token_index, seg_offsets, pair_index, *, out=None, ac
         N, dtype=torch.float32, device=x.device)
     if N == 0:
         return out
-    comp = _compensated("video_scores", x.device, accumulation)
+    comp = compensated_mode("video_scores", x.device, accumulation)
     tok = token_index.contiguous()
     off = seg_offsets.contiguous()
     pair = pair_index.contiguous()
@@ -569,6 +505,6 @@ def video_scores_triton(x, token_index, seg_offsets, pair_index, *, out=None, ac
         x, tok, pair, off, mean, rev, claimed.view(torch.uint8), out,
         N, B * L, S, L, D, x.stride(0), x.stride(1), x.stride(2),
         MODE=MODE_FUSED, COMPENSATED=comp, N_ITERS=max(1, S.bit_length()),
-        BLOCK_T=block_t, BLOCK_D=block_d, EPS=EPS, num_warps=warps, **_launch_options(comp),
+        BLOCK_T=block_t, BLOCK_D=block_d, EPS=EPS, num_warps=warps, **launch_options(comp),
     )
     return out

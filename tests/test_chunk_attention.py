@@ -1,16 +1,18 @@
 """The selector's chunk attention on the CPU: the extension's AVX-512 kernel
 (``omnisift::chunk_attention_cpu``) against ``scaled_dot_product_attention``
-(:func:`omnisift_kernels.selector.heads_attention`), its errors, and when the fast path uses it."""
+(:func:`omnisift_kernels.ops.chunk_attention.heads_attention`), its errors, and when the fast path uses it."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from omnisift_kernels import compress, cpu_attention
+from omnisift_kernels import compress
+from omnisift_kernels.ops import chunk_attention as cpu_attention
 from omnisift_kernels._ext import ext_has_kernel
 from omnisift_kernels.presets import PRESETS
-from omnisift_kernels.selector import VisionGuidedAudioSelector, heads_attention
+from omnisift_kernels.ops.chunk_attention import heads_attention
+from omnisift_kernels.selector import VisionGuidedAudioSelector
 from omnisift_kernels.synthetic import clip_row, make_batch
 from omnisift_kernels.testing import tolerance
 from omnisift_kernels.testing import set_cpu_env
@@ -97,7 +99,7 @@ def test_half_precision_inputs_are_widened(dtype):
     q, k, v, mask = _inputs(4, 30, 20, 8, 64, "right", seed=5)
     q, kv = q.to(dtype), torch.cat([k, v], -1).to(dtype)
     k, v = kv[..., :512], kv[..., 512:]
-    got = cpu_attention.attention(q, k, v, mask, 8)
+    got = cpu_attention.chunk_attention(q, k, v, mask, 8)
     assert got.dtype == dtype
     atol, rtol = tolerance(dtype, "native")
     torch.testing.assert_close(got.float(), heads_attention(q, k, v, mask, 8).float(), atol=atol, rtol=rtol)
@@ -147,10 +149,10 @@ def test_dispatch(monkeypatch):
     q = q.detach()
     monkeypatch.setenv("OMNISIFT_CPU_ATTENTION", "sdpa")
     assert not cpu_attention.kernel_serves(q, k, v, 2)
-    assert torch.equal(cpu_attention.attention(q, k, v, mask, 2), heads_attention(q, k, v, mask, 2))
+    assert torch.equal(cpu_attention.chunk_attention(q, k, v, mask, 2), heads_attention(q, k, v, mask, 2))
     monkeypatch.setenv("OMNISIFT_CPU_ATTENTION", "fast")
     with pytest.raises(ValueError, match="OMNISIFT_CPU_ATTENTION must be auto or sdpa"):
-        cpu_attention.attention(q, k, v, mask, 2)
+        cpu_attention.chunk_attention(q, k, v, mask, 2)
     monkeypatch.setenv("OMNISIFT_CPU_ATTENTION", "auto")
     set_cpu_env(monkeypatch, "OMNISIFT_CPU_ISA", "avx2")  # below AVX-512: no kernel, SDPA
     assert not cpu_attention.kernel_serves(q, k, v, 2)

@@ -20,9 +20,9 @@ Grid ``(S,)``: one program per segment, ``n = seg_offsets[s+1] - seg_offsets[s]`
   (4096 keys: 78 compare-exchange stages, 16 keys per thread at 8 warps), then a scatter store
   ``out[start + pos(sorted[r])] = r < k``.
 * larger: blocked pairwise ranking over ``[TILE_I, TILE_J]`` tiles: O(n^2) compares but any size
-  works in the same launch (e.g. n = 8192 is 64M compares, ~ms on one SM). This branch is compiled
+  works in the same launch (n = 8192 is 64M compares). This branch is compiled
   only when ``N > BLOCK`` (constexpr ``HAS_LARGE``): its ``[64, 128]`` int64 tile spilled at 4 warps
-  in the kernels of smaller launches where it can never run (``bench/results/aot.txt``).
+  in the kernels of smaller launches where it can never run (``bench/results/aot/``).
 
 Bounds: the segment's ``[start, end)`` read from ``seg_offsets`` is clamped into ``[0, N]``, so no
 load or store leaves ``scores`` / ``out`` whatever the offsets hold (the ops validate them).
@@ -119,7 +119,7 @@ def _topk_mask_kernel(
 def _default_blocks(N: int, device: torch.device) -> dict:
     if device.type == "cpu" and interpreting():
         # The interpreter runs tl.sort as ~log2(n)^2 numpy ops on [2]*log2(n)-shaped arrays
-        # (a 4096-key sort takes ~15 s), while a pairwise tile is a single numpy op: rank every
+        # (slow for thousands of keys), while a pairwise tile is a single numpy op: rank every
         # segment pairwise with big tiles. The sort branches are still tested by forcing them.
         return dict(small=min(256, max(16, next_pow2(N))), mid=16, block=16, tile_i=256,
                     tile_j=1024)

@@ -1,4 +1,6 @@
-"""Testing helpers: the tolerance table, score comparisons, plain-torch references, layouts.
+"""Testing helpers: the tolerance table, score comparisons, layouts, near ties, CPU settings.
+
+The per-op references (the oracles) live in :mod:`omnisift_kernels.reference`.
 
 Tolerances: every comparison of similarities or scores in the test suite goes through
 :data:`TOLERANCES` (via :func:`tolerance` / :func:`assert_close_scores`). Masks, compaction and
@@ -22,7 +24,6 @@ import random
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 __all__ = [
     "TOLERANCES",
@@ -31,10 +32,6 @@ __all__ = [
     "near_tie_differences",
     "nan_poisoned",
     "random_layout",
-    "reference_frame_saliency",
-    "reference_pair_similarity",
-    "reference_topk_mask",
-    "reference_video_scores",
     "tolerance",
 ]
 
@@ -116,53 +113,6 @@ def random_layout(B: int, L: int, sizes: Sequence[int], generator: random.Random
 
 
 # ----------------------------------------------------------------------------------------------
-# Plain references (python loops over segments; for tests only)
-
-
-def _rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    return x.reshape(-1, x.shape[-1])[idx].double()
-
-
-def reference_frame_saliency(x, token_index, seg_offsets) -> torch.Tensor:
-    """Per segment ``F.cosine_similarity(token, segment mean, eps=1e-8)`` in float64."""
-    out = torch.zeros(token_index.numel(), dtype=torch.float64)
-    offs = seg_offsets.tolist()
-    for s in range(len(offs) - 1):
-        a, b = offs[s], offs[s + 1]
-        if a == b:
-            continue
-        rows = _rows(x, token_index[a:b])
-        mean = rows.float().mean(0).double()  # the mean is taken in fp32 (spec §8)
-        out[a:b] = F.cosine_similarity(rows, mean[None].expand_as(rows), dim=-1, eps=1e-8)
-    return out
-
-
-def reference_pair_similarity(x, first_index, second_index) -> torch.Tensor:
-    """``F.cosine_similarity(x[second], x[first], eps=1e-8)`` in float64."""
-    return F.cosine_similarity(_rows(x, second_index), _rows(x, first_index), dim=-1, eps=1e-8)
-
-
-def reference_video_scores(x, token_index, seg_offsets, pair_index) -> torch.Tensor:
-    """Saliency where ``pair_index < 0``, else cosine to ``x[pair_index]`` (float64)."""
-    sal = reference_frame_saliency(x, token_index, seg_offsets)
-    pairs = reference_pair_similarity(x, pair_index.clamp_min(0), token_index)
-    return torch.where(pair_index < 0, sal, pairs)
-
-
-def reference_topk_mask(scores, seg_offsets, k) -> torch.Tensor:
-    """The spec's rule, with python sorting: (score descending, position ascending) per segment."""
-    vals = [0.0 if v == 0 else v for v in scores.tolist()]  # -0.0 == 0.0
-    offs, ks = seg_offsets.tolist(), k.tolist()
-    mask = [False] * len(vals)
-    for s in range(len(offs) - 1):
-        a, b = offs[s], offs[s + 1]
-        order = sorted(range(a, b), key=lambda i: (-vals[i], i))
-        for r, i in enumerate(order):
-            mask[i] = r < ks[s]
-    return torch.tensor(mask, dtype=torch.bool)
-
-
-# ----------------------------------------------------------------------------------------------
 # Keep masks that may differ at near ties
 
 
@@ -218,7 +168,7 @@ def near_tie_differences(
     Raises:
         AssertionError: a difference that is not a near tie (with where and by how much).
     """
-    from .reference import plan_row, spatial_scores, temporal_scores
+    from ..reference import plan_row, spatial_scores, temporal_scores
 
     if keep_mask.shape != reference_keep_mask.shape:
         raise AssertionError(f"keep mask shape {tuple(keep_mask.shape)} != {tuple(reference_keep_mask.shape)}")
@@ -265,7 +215,7 @@ def near_tie_differences(
 def set_cpu_env(monkeypatch, name: str, value: str | None) -> None:
     """Sets (or, with None, removes) one of the extension's ``OMNISIFT_CPU_*`` variables through pytest's
     ``monkeypatch`` and makes the extension read its settings again (it reads them once otherwise)."""
-    from ._ext import reload_cpu_settings
+    from .._ext import reload_cpu_settings
 
     if value is None:
         monkeypatch.delenv(name, raising=False)

@@ -10,8 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from omnisift_kernels.ops import segmented_topk_mask
-from omnisift_kernels.ops.select import segmented_topk_mask_torch
-from omnisift_kernels.testing import nan_poisoned, reference_topk_mask
+from omnisift_kernels.ops.topk import segmented_topk_mask_torch
+from omnisift_kernels.testing import nan_poisoned
+from omnisift_kernels.reference.topk import segmented_topk_mask as reference_topk_mask
 from omnisift_kernels.triton_kernels import TRITON_AVAILABLE
 
 if TRITON_AVAILABLE:
@@ -188,7 +189,7 @@ def test_opcheck_and_compile():
 
 @pytest.mark.interpreter
 def test_gpu_default_config_under_interpreter(monkeypatch):
-    import omnisift_kernels.triton_kernels.select as ts
+    import omnisift_kernels.triton_kernels.topk as ts
 
     monkeypatch.setattr(ts, "interpreting", lambda: False)
     sizes = [50, 0, 70, 1, 5]  # N = 126: small = 64, mid = block = 128
