@@ -1,7 +1,8 @@
 """Reference OmniSIFT compression: readable PyTorch with loops over rows and chunks.
 
-This is the oracle every fast path is tested against. All similarity math is fp32; the tie rule of
-spec §8 (stable sorts: among equal scores the earlier token is ranked first) decides every cut.
+This is the oracle every fast path is tested against. The video similarities are computed in fp64
+and rounded to fp32; the tie rule of spec §8 (stable sorts: among equal scores the earlier token is
+ranked first) decides every cut.
 """
 
 from __future__ import annotations
