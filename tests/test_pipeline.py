@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import os
 
 import pytest
@@ -22,7 +20,7 @@ from omnisift_kernels.api import resolve_backend
 from omnisift_kernels.layout import Audio, Image, Text, Video
 from omnisift_kernels._ext import ext_has_kernel
 from omnisift_kernels.pipeline import compact_indices, keep_gather_serves
-from omnisift_kernels.plan import build_plan, read_sizes, sizes_from_grid
+from omnisift_kernels.plan import build_plan, read_sizes
 from omnisift_kernels.sync_guard import HostSyncError, forbid_host_sync
 from omnisift_kernels.synthetic import clip_row, make_batch
 from omnisift_kernels.testing import tolerance
@@ -105,77 +103,6 @@ test_random_layouts_match_reference = _layout_test(60)
 test_random_layouts_match_reference_many = pytest.mark.slow(_layout_test(400))
 
 
-# ------------------------------------------------------------------------------------------------
-# The C++ plan (omnisift::build_plan_cpu) against the tensor-op plan: every buffer, element for element.
-
-needs_cpu_plan = pytest.mark.skipif(not torch._C._dispatch_has_kernel("omnisift::build_plan_cpu"),
-                                    reason="needs the extension")
-
-
-def _assert_same_plan(input_ids, time_ids, valid, rho, score_audio, video_token_id, audio_token_id):
-    from omnisift_kernels.plan import _PLAN_FIELDS, _build_plan_cpu, _build_plan_torch
-
-    kw = dict(video_token_id=video_token_id, audio_token_id=audio_token_id, rho_video=rho[0], rho_audio=rho[1],
-              score_audio=score_audio)
-    want = _build_plan_torch(input_ids, time_ids, valid, **kw)
-    got = _build_plan_cpu(input_ids, time_ids, valid, **kw)
-    assert (got.batch, got.seqlen) == (want.batch, want.seqlen)
-    for name in _PLAN_FIELDS:
-        a, b = getattr(want, name), getattr(got, name)
-        assert a.dtype == b.dtype and a.shape == b.shape, (name, a.dtype, b.dtype, a.shape, b.shape)
-        assert torch.equal(a, b), f"{name}: {a.tolist()} != {b.tolist()}"
-    # The stage-3 lists too: omnisift::index_plan_cpu against the tensor-op version.
-    from omnisift_kernels.pipeline import IndexPlan, _index_plan_cpu, _index_plan_torch
-    from omnisift_kernels.plan import read_sizes
-
-    sizes = read_sizes(want, None)
-    want_index, got_index = _index_plan_torch(want, sizes), _index_plan_cpu(want, sizes)
-    for f in dataclasses.fields(IndexPlan):
-        a, b = getattr(want_index, f.name), getattr(got_index, f.name)
-        assert a.dtype == b.dtype and a.shape == b.shape, (f.name, a.dtype, b.dtype, a.shape, b.shape)
-        assert torch.equal(a, b), f"{f.name}: {a.tolist()} != {b.tolist()}"
-
-
-@needs_cpu_plan
-@settings(max_examples=80, deadline=None)
-@given(layout=st.lists(rows, min_size=1, max_size=3), rho=ratios, score_audio=st.booleans(), seed=st.integers(0, 99))
-def test_cpu_plan_equals_tensor_plan(layout, rho, score_audio, seed):
-    batch = make_batch(layout, 4, seed=seed)
-    _assert_same_plan(batch.input_ids, batch.position_ids[0], batch.attention_mask.bool(), rho, score_audio,
-                      batch.video_token_id, batch.audio_token_id)
-
-
-@needs_cpu_plan
-@settings(max_examples=120, deadline=None)
-@given(data=st.data())
-def test_cpu_plan_equals_tensor_plan_on_arbitrary_ids(data):
-    """Any ids, time ids (decreasing, repeated, negative) and padding: still the same buffers."""
-    B = data.draw(st.integers(0, 4))
-    L = data.draw(st.integers(0, 30))
-    ints = lambda lo, hi: st.lists(st.integers(lo, hi), min_size=B * L, max_size=B * L)
-    ids = torch.tensor(data.draw(ints(0, 3)), dtype=torch.int64).view(B, L)
-    times = torch.tensor(data.draw(ints(-3, 12)), dtype=data.draw(st.sampled_from([torch.int64, torch.int32])))
-    valid = torch.tensor(data.draw(st.lists(st.booleans(), min_size=B * L, max_size=B * L)),
-                         dtype=torch.bool).view(B, L)
-    rho = data.draw(ratios)
-    _assert_same_plan(ids.to(data.draw(st.sampled_from([torch.int64, torch.int32]))), times.view(B, L), valid, rho,
-                      data.draw(st.booleans()), 1, 2)
-
-
-@needs_cpu_plan
-def test_build_plan_uses_the_cpu_kernel_on_cpu(monkeypatch):
-    import omnisift_kernels.plan as plan_mod
-
-    batch = make_batch([clip_row(4, 2, 3)], D, seed=2)
-    called = []
-    real = plan_mod._build_plan_cpu
-    monkeypatch.setattr(plan_mod, "_build_plan_cpu", lambda *a, **k: called.append(1) or real(*a, **k))
-    build_plan(batch.input_ids, batch.position_ids[0], batch.attention_mask.bool(),
-               video_token_id=batch.video_token_id, audio_token_id=batch.audio_token_id, rho_video=0.5,
-               rho_audio=0.5, score_audio=True)
-    assert called == [1]
-
-
 @pytest.mark.parametrize("preset", ["paper-35", "paper-25"])
 def test_ragged_batch_matches_reference(preset):
     p = PRESETS[preset]
@@ -218,25 +145,6 @@ def test_retention_of_paper_presets_on_omni7b_20s_layout():
             r = compress(**batch.compress_kwargs(), rho_video=p.rho_video, rho_audio=p.rho_audio, selector=sel, backend="cpu")
         assert int(r.video_kept.sum() + r.audio_kept.sum()) == kept
         assert r.retention() == kept / 6480
-
-
-def test_sizes_from_grid_equal_device_sizes():
-    layout = [
-        [Text(3), Video(5, 2, 3, audio_tokens=140), Text(2)],
-        [Text(1), Video(3, 2, 2), Video(2, 3, 3), Audio(30), Image(2, 2), Text(4)],
-        [Text(7)],
-    ]
-    batch = make_batch(layout, D, seed=1)
-    for rho in ((0.67, 0.4), (0.0, 0.0), (0.9, 0.9)):
-        for score in (True, False):
-            plan = build_plan(
-                batch.input_ids, batch.position_ids[0], batch.attention_mask.bool(),
-                video_token_id=batch.video_token_id, audio_token_id=batch.audio_token_id,
-                rho_video=rho[0], rho_audio=rho[1], score_audio=score,
-            )
-            host, kept_rows = sizes_from_grid(layout, rho_video=rho[0], rho_audio=rho[1], score_audio=score)
-            assert read_sizes(plan) == host
-            assert plan.kept.tolist() == kept_rows
 
 
 def test_compact_indices_equals_nonzero():
