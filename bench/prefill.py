@@ -58,12 +58,12 @@ SHAPES = {
 
 
 def text_config(shape: str, d_model: int, *, layers: int | None, vocab: int, attn: str):
-    """A ``Qwen2_5OmniTextConfig`` of the named shape (``tiny``: the integration's tiny config at width
-    ``d_model``, 2 layers unless ``layers``)."""
+    """A ``Qwen2_5OmniTextConfig`` of the named shape (``tiny``: the tiny test config of
+    :mod:`omnisift_kernels.testing.qwen2_5_omni` at width ``d_model``, 2 layers unless ``layers``)."""
     from transformers import Qwen2_5OmniThinkerConfig
 
-    if shape == "tiny":  # the integration's tiny config (known to work on every supported version)
-        from omnisift_kernels.integrations.qwen2_5_omni import tiny_thinker_config
+    if shape == "tiny":  # the tiny test config (known to work on every supported version)
+        from omnisift_kernels.testing.qwen2_5_omni import tiny_thinker_config
 
         cfg = tiny_thinker_config(hidden_size=d_model, num_layers=layers or 2, vocab_size=vocab).text_config
     else:

@@ -40,6 +40,7 @@ from omnisift_kernels import VisionGuidedAudioSelector, get_preset  # noqa: E402
 from omnisift_kernels import synthetic as syn  # noqa: E402
 from omnisift_kernels.integrations import qwen2_5_omni as q  # noqa: E402
 from omnisift_kernels.integrations import qwen2_5_omni_inputs as qi  # noqa: E402
+from omnisift_kernels.testing.qwen2_5_omni import build_inputs  # noqa: E402
 
 MODEL_DTYPE_INPUTS = ("pixel_values", "pixel_values_videos", "input_features")
 
@@ -145,7 +146,7 @@ def processor_inputs(args, processor) -> dict:
 
 def tiny_inputs(config, rows: int, seed: int) -> dict:
     items = [[syn.Text(4 + 3 * (r % 3)), syn.Video(2 + r % 3, 2, 2), syn.Text(3 + r % 2)] for r in range(rows)]
-    return q.build_inputs(config, items, padding_side="left", seed=seed)
+    return build_inputs(config, items, padding_side="left", seed=seed)
 
 
 def timed(fn, repeats: int, device) -> float:

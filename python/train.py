@@ -58,6 +58,7 @@ from omnisift_kernels import VisionGuidedAudioSelector, get_preset  # noqa: E402
 from omnisift_kernels import synthetic as syn  # noqa: E402
 from omnisift_kernels.integrations import qwen2_5_omni as q  # noqa: E402
 from omnisift_kernels.integrations import qwen2_5_omni_inputs as qi  # noqa: E402
+from omnisift_kernels.testing.qwen2_5_omni import build_inputs  # noqa: E402
 
 MEDIA_FIELDS = ("video", "audio", "image")
 DEFAULT_PROMPT = "Describe what you see and hear."
@@ -155,7 +156,7 @@ def synthetic_samples(config, n: int, seed: int) -> list[dict]:
     for i in range(n):
         secs, before, after = (int(torch.randint(lo, hi, (1,), generator=gen)) for lo, hi in ((2, 5), (2, 8), (1, 5)))
         row = [syn.Text(before), syn.Video(secs, 2, 2), syn.Text(after)]
-        out.append(q.build_inputs(config, [row], answer=4, seed=seed * 1000 + i))
+        out.append(build_inputs(config, [row], answer=4, seed=seed * 1000 + i))
     return out
 
 

@@ -135,7 +135,7 @@ def build_processor(min_pixels: int = 28 * 28 * 4, max_pixels: int = 112 * 112, 
 
 def build_thinker_config(tokenizer, hidden_size: int = 32, num_layers: int = 2):
     """A tiny random ``Qwen2_5OmniThinkerConfig`` whose special ids are the tokenizer's."""
-    from omnisift_kernels.integrations.qwen2_5_omni import tiny_thinker_config
+    from omnisift_kernels.testing.qwen2_5_omni import tiny_thinker_config
 
     ids = {
         "audio_token_index": "<|AUDIO|>", "image_token_index": "<|IMAGE|>", "video_token_index": "<|VIDEO|>",

@@ -11,11 +11,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from omnisift_kernels import synthetic as syn  # noqa: E402
-from omnisift_kernels.integrations.qwen2_5_omni import (  # noqa: E402
-    OmniSIFTThinker,
-    build_inputs,
-    tiny_random_thinker,
-)
+from omnisift_kernels.integrations.qwen2_5_omni import OmniSIFTThinker  # noqa: E402
+from omnisift_kernels.testing.qwen2_5_omni import build_inputs, tiny_random_thinker  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 

@@ -14,12 +14,16 @@ from omnisift_kernels.selector import VisionGuidedAudioSelector, count_parameter
 from omnisift_kernels.integrations import qwen2_5_omni as q  # noqa: E402
 from omnisift_kernels.integrations.qwen2_5_omni import (  # noqa: E402
     OmniSIFTThinker,
-    build_inputs,
     check_transformers_version,
     load_compressor_from_checkpoint,
     load_compressor_weights,
-    tiny_random_thinker,
     wrap_omni_model,
+)
+from omnisift_kernels.testing.qwen2_5_omni import (  # noqa: E402
+    TINY_IDS,
+    build_inputs,
+    tiny_random_thinker,
+    tiny_thinker_config,
 )
 
 V, A, T, I = syn.Video, syn.Audio, syn.Text, syn.Image
@@ -44,8 +48,8 @@ def split_labels(inp):
 
 def native_kwargs(inp):
     """Processor outputs for the native thinker (which needs use_audio_in_video spelt out)."""
-    has_av = bool(((inp["input_ids"][:, :-1] == q.TINY_IDS["vision_start_token_id"])
-                   & (inp["input_ids"][:, 1:] == q.TINY_IDS["audio_start_token_id"])).any())
+    has_av = bool(((inp["input_ids"][:, :-1] == TINY_IDS["vision_start_token_id"])
+                   & (inp["input_ids"][:, 1:] == TINY_IDS["audio_start_token_id"])).any())
     return dict(inp, use_audio_in_video=has_av)
 
 
@@ -71,7 +75,7 @@ def test_full_model_release_roundtrip(tmp_path):
     """wrap_omni_model on the full model: save_pretrained writes thinker.compressor.*, which loads back."""
     from transformers import Qwen2_5OmniConfig, Qwen2_5OmniForConditionalGeneration
 
-    cfg = Qwen2_5OmniConfig(thinker_config=q.tiny_thinker_config().to_dict(), enable_audio_output=False)
+    cfg = Qwen2_5OmniConfig(thinker_config=tiny_thinker_config().to_dict(), enable_audio_output=False)
     torch.manual_seed(0)
     full = Qwen2_5OmniForConditionalGeneration(cfg)
     w = wrap_omni_model(full, rho_video=0.5, rho_audio=0.5)

@@ -25,10 +25,10 @@ import qwen_omni_assets as assets  # noqa: E402
 assets.prepare_torchvision()
 pytest.importorskip("torchvision")
 
-from omnisift_kernels.integrations import qwen2_5_omni as q  # noqa: E402
 from omnisift_kernels.integrations import qwen2_5_omni_inputs as qi  # noqa: E402
 from omnisift_kernels.integrations.qwen2_5_omni import OmniSIFTThinker  # noqa: E402
 from omnisift_kernels.reference.compress import num_removed  # noqa: E402
+from omnisift_kernels.testing.qwen2_5_omni import tiny_thinker_config  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INFER = os.path.join(ROOT, "python", "infer.py")
@@ -368,9 +368,9 @@ def test_tiny_config_takes_tokenizer_ids(processor):
     assert cfg.vision_start_token_id == tok.convert_tokens_to_ids("<|vision_bos|>")
     assert cfg.get_text_config().vocab_size >= len(tok)
     with pytest.raises(ValueError, match="token_ids"):
-        q.tiny_thinker_config(token_ids={"nope": 1})
+        tiny_thinker_config(token_ids={"nope": 1})
     with pytest.raises(ValueError, match="vocab_size"):
-        q.tiny_thinker_config(vocab_size=64)
+        tiny_thinker_config(vocab_size=64)
 
 
 def test_render_prompt_without_template_matches_the_template(processor, media):

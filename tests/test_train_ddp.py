@@ -30,9 +30,9 @@ def _base(save_dir, steps, *extra):
 
 
 def test_jsonl_schema_roundtrip(train, tmp_path):
-    from omnisift_kernels.integrations import qwen2_5_omni as q
+    from omnisift_kernels.testing.qwen2_5_omni import tiny_thinker_config
 
-    cfg = q.tiny_thinker_config()
+    cfg = tiny_thinker_config()
     path = train.write_synthetic(cfg, str(tmp_path), 3, seed=0)
     ds = train.JsonlDataset(path)
     ref = train.synthetic_samples(cfg, 3, seed=0)
@@ -64,8 +64,9 @@ def test_checkpoint_save_resume_roundtrip(train, tmp_path):
             assert torch.equal(sa[i][k], sb[i][k]), (i, k)
     # The release-format export loads into a fresh wrapper.
     from omnisift_kernels.integrations import qwen2_5_omni as q
+    from omnisift_kernels.testing.qwen2_5_omni import tiny_random_thinker
 
-    w = q.OmniSIFTThinker(q.tiny_random_thinker(seed=0))
+    w = q.OmniSIFTThinker(tiny_random_thinker(seed=0))
     q.load_compressor_from_checkpoint(w, str(b / "compressor.safetensors"))
     for k, v in w.selector.state_dict().items():
         assert torch.equal(v, cb["compressor"][k]), k
@@ -75,16 +76,16 @@ def test_train_llm_checkpoint(train, tmp_path):
     train.main(_base(tmp_path, 1, "--train-llm", "--layout", "packed"))
     ck = torch.load(tmp_path / "checkpoint-1.pt", weights_only=True)
     assert "llm" in ck and "lm_head.weight" in ck["llm"]
-    from omnisift_kernels.integrations import qwen2_5_omni as q
+    from omnisift_kernels.testing.qwen2_5_omni import tiny_random_thinker
 
-    assert not torch.equal(ck["llm"]["lm_head.weight"], q.tiny_random_thinker(seed=0).lm_head.weight)
+    assert not torch.equal(ck["llm"]["lm_head.weight"], tiny_random_thinker(seed=0).lm_head.weight)
 
 
 def test_ddp_two_processes_identical_parameters(train, tmp_path):
-    from omnisift_kernels.integrations import qwen2_5_omni as q
     from omnisift_kernels.selector import VisionGuidedAudioSelector
+    from omnisift_kernels.testing.qwen2_5_omni import tiny_thinker_config
 
-    data = train.write_synthetic(q.tiny_thinker_config(), str(tmp_path / "data"), 4, seed=0)
+    data = train.write_synthetic(tiny_thinker_config(), str(tmp_path / "data"), 4, seed=0)
     save = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",

@@ -1,9 +1,12 @@
 """Integrations of OmniSIFT compression with model libraries.
 
-``omnisift_kernels.integrations.qwen2_5_omni`` wraps transformers' Qwen2.5-Omni thinker;
-``omnisift_kernels.integrations.qwen2_5_omni_inputs`` turns media files into its processor's outputs
-(PyAV decoding, the processor call of each transformers 5.x release). Importing this package does not
-import transformers; the names below load on first access.
+``omnisift_kernels.integrations.qwen2_5_omni`` wraps transformers' Qwen2.5-Omni thinker (with
+``qwen2_5_omni_compat``: what differs between transformers 5.x releases; ``qwen2_5_omni_layout``: the
+token layout read from the ids; ``qwen2_5_omni_checkpoint``: loading the thinker and compressor weights,
+batching samples); ``omnisift_kernels.integrations.qwen2_5_omni_inputs`` turns media files into its
+processor's outputs (PyAV decoding, the processor call of each transformers 5.x release). The tiny random
+thinker and hand-built inputs of the tests are in ``omnisift_kernels.testing.qwen2_5_omni``. Importing
+this package does not import transformers; the names below load on first access.
 """
 
 from __future__ import annotations
@@ -16,9 +19,6 @@ _QWEN = (
     "load_compressor_from_checkpoint",
     "check_transformers_version",
     "SUPPORTED_TRANSFORMERS",
-    "tiny_thinker_config",
-    "tiny_random_thinker",
-    "build_inputs",
     "collate_inputs",
 )
 

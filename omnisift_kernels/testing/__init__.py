@@ -1,6 +1,8 @@
 """Testing helpers: the tolerance table, score comparisons, layouts, near ties, CPU settings.
 
-The per-op references (the oracles) live in :mod:`omnisift_kernels.reference`.
+The per-op references (the oracles) live in :mod:`omnisift_kernels.reference`. The Qwen2.5-Omni fixtures
+(tiny random thinker, hand-built inputs) are in :mod:`omnisift_kernels.testing.qwen2_5_omni`, not
+imported here (it builds transformers objects).
 
 Tolerances: every comparison of similarities or scores in the test suite goes through
 :data:`TOLERANCES` (via :func:`tolerance` / :func:`assert_close_scores`). Masks, compaction and
