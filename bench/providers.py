@@ -1,8 +1,7 @@
-"""The implementations the benchmark compares, discovered at run time.
+"""The implementations the benchmark compares.
 
-A provider is available or not *on this machine, now*: a missing module (the batched pipeline, the
-compiled extension) or a missing device makes it "unavailable: <reason>", never a crash. Providers
-written by other engineers are picked up automatically once their module imports.
+A provider is available or not *on this machine, now*: a missing device, Triton or compiled
+extension kernel makes it "unavailable: <reason>", never a crash.
 
 ==================  ========================================================================
 ``reference``       ``compress(backend="reference")``: the per-row oracle
@@ -11,7 +10,7 @@ written by other engineers are picked up automatically once their module imports
                     asked for with ``--provider compile-reference``)
 ``cpu``             ``compress(backend="cpu")``: the batched fast path (``omnisift_kernels.pipeline``)
 ``triton``          ``compress(backend="triton")``: CUDA only
-                    (stages of both: :func:`bench.stages.pipeline_stage_hook`)
+                    (stages of both: :func:`bench.stages.pipeline_stages`)
 ``extension``       ``omnisift_kernels.ops.varlen_compact``: the compaction (``gather`` stage) only
 ``bool-index``      boolean-mask indexing, the plain-PyTorch compaction baseline (``gather`` only)
 ==================  ========================================================================
@@ -20,11 +19,13 @@ written by other engineers are picked up automatically once their module imports
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import logging
 from typing import Any, Callable
 
 import torch
+
+from omnisift_kernels import _ext
+from omnisift_kernels.ops import varlen_compact
 
 from . import stages as S
 from .release_loop import release_loop_compress
@@ -68,22 +69,10 @@ def _compress_e2e(backend: str):
     return make
 
 
-def _pipeline_missing() -> str | None:
-    try:
-        mod = importlib.import_module("omnisift_kernels.pipeline")
-    except ImportError as e:
-        return f"omnisift_kernels.pipeline not importable yet ({_exc(e)})"
-    except Exception as e:  # a broken module: say so, do not crash
-        return f"omnisift_kernels.pipeline failed to import ({_exc(e)})"
-    if not hasattr(mod, "fast_compress"):
-        return "omnisift_kernels.pipeline has no fast_compress yet"
-    return None
-
-
 def _check_cpu(device: torch.device) -> str | None:
     if device.type != "cpu":
         return "backend='cpu' needs CPU tensors (run with --device cpu; on CUDA the fast path is triton)"
-    return _pipeline_missing()
+    return None
 
 
 def _check_triton(device: torch.device) -> str | None:
@@ -93,7 +82,7 @@ def _check_triton(device: torch.device) -> str | None:
         import triton  # noqa: F401
     except Exception as e:
         return f"triton not importable ({_exc(e)})"
-    return _pipeline_missing()
+    return None
 
 
 # -------------------------------------------------------------------------- compile-reference
@@ -128,38 +117,12 @@ def _check_compile(device: torch.device) -> str | None:
 
 
 # --------------------------------------------------------------------------------- extension
-def _varlen_compact():
-    from omnisift_kernels.ops import varlen_compact  # written by another engineer
-
-    return varlen_compact
-
-
 def _check_extension(device: torch.device) -> str | None:
-    try:
-        _varlen_compact()
-    except ImportError as e:
-        return f"omnisift_kernels.ops.varlen_compact not importable yet ({_exc(e)})"
-    except Exception as e:
-        return f"omnisift_kernels.ops failed to import ({_exc(e)})"
-    try:
-        from omnisift_kernels import _ext
-
-        key = "CUDA" if device.type == "cuda" else "CPU"
-        if not _ext.ext_has_kernel("varlen_compact", key):
-            why = _ext.EXT_ERROR or f"no {key} kernel registered"
-            return f"compiled extension has no {key} varlen_compact ({why.splitlines()[0][:160]})"
-    except Exception as e:
-        return f"cannot inspect the extension ({_exc(e)})"
+    key = "CUDA" if device.type == "cuda" else "CPU"
+    if not _ext.ext_has_kernel("varlen_compact", key):
+        why = _ext.EXT_ERROR or f"no {key} kernel registered"
+        return f"compiled extension has no {key} varlen_compact ({why.splitlines()[0][:160]})"
     return None
-
-
-def _packed_of(result) -> torch.Tensor:
-    if isinstance(result, (tuple, list)):
-        return result[0]
-    for name in ("packed", "inputs_embeds", "values"):
-        if hasattr(result, name):
-            return getattr(result, name)
-    return result
 
 
 def extension_stages(keep_masks: dict[int, torch.Tensor]):
@@ -169,16 +132,14 @@ def extension_stages(keep_masks: dict[int, torch.Tensor]):
     """
 
     def factory(case):
-        fn = _varlen_compact()
         kw = case.kwargs()
         x, keep = kw["inputs_embeds"], keep_masks[id(case)]
         pos, labels = kw["position_ids"], kw["labels"]
-        try:
-            fn(x, keep, position_ids=pos, labels=labels)
-            call = lambda: fn(x, keep, position_ids=pos, labels=labels)  # noqa: E731
-        except TypeError:
-            call = lambda: fn(x, keep)  # noqa: E731
-        return {"gather": call, "_packed": lambda: _packed_of(call())}
+
+        def call():
+            return varlen_compact(x, keep, position_ids=pos, labels=labels)
+
+        return {"gather": call, "_packed": lambda: call().packed}
 
     return factory
 
@@ -209,11 +170,8 @@ def _hook(name: str):
     return lambda device: S.STAGE_HOOKS.get(name)
 
 
-def _pipeline_hook(backend: str, name: str):
-    def get(device):
-        return S.STAGE_HOOKS.get(name) or S.pipeline_stage_hook(backend)
-
-    return get
+def _pipeline_hook(backend: str):
+    return lambda device: (lambda case: S.pipeline_stages(case, backend))
 
 
 def _release_e2e(case):
@@ -230,9 +188,9 @@ PROVIDERS: dict[str, Provider] = {
                  _hook("release-loop")),
         Provider("compile-reference", "torch.compile(reference_compress)", _check_compile, _compile_e2e,
                  lambda d: None, explicit_only=True),
-        Provider("cpu", "compress(backend='cpu')", _check_cpu, _compress_e2e("cpu"), _pipeline_hook("cpu", "cpu")),
+        Provider("cpu", "compress(backend='cpu')", _check_cpu, _compress_e2e("cpu"), _pipeline_hook("cpu")),
         Provider("triton", "compress(backend='triton')", _check_triton, _compress_e2e("triton"),
-                 _pipeline_hook("triton", "triton")),
+                 _pipeline_hook("triton")),
         Provider("extension", "omnisift_kernels.ops.varlen_compact (gather only)", _check_extension, None,
                  lambda d: None),
         Provider("bool-index", "x.flatten(0, 1)[keep.flatten()] (gather only; plain PyTorch)", lambda d: None, None,

@@ -16,13 +16,7 @@ selector on every scored chunk), ``audio_select`` (the per-chunk audio cut),
 
 Filled here: ``reference`` (from ``omnisift_kernels.reference``'s building blocks) and
 ``release-loop`` (from :mod:`bench.release_loop`'s phases). The ``cpu`` and ``triton`` providers
-pick up ``omnisift_kernels.pipeline.bench_stages`` automatically when it exists::
-
-    bench_stages(inputs_embeds, input_ids, position_ids, *, video_token_id, audio_token_id,
-                 rho_video, rho_audio, selector, attention_mask, labels, backend) -> dict[str, Callable[[], Any]]
-
-(the keyword arguments are ``Case.kwargs()`` plus ``backend="cpu"|"triton"``); alternatively the
-pipeline integration may register a factory here with :func:`register_stage_hook`.
+time :func:`pipeline_stages` (the stage functions of ``omnisift_kernels.pipeline``, called one by one).
 """
 
 from __future__ import annotations
@@ -221,26 +215,6 @@ register_stage_hook("reference", reference_stages)
 register_stage_hook("release-loop", release_loop_stages)
 
 
-def pipeline_stage_hook(backend: str) -> StageFactory | None:
-    """Stage factory of the batched pipeline for ``backend`` ("cpu" or "triton").
-
-    ``omnisift_kernels.pipeline.bench_stages`` when the pipeline defines it; else
-    :func:`pipeline_stages` built from the pipeline's public stage functions; None when neither
-    exists (the provider then reports end to end only).
-    """
-    try:
-        from omnisift_kernels import pipeline
-    except Exception:
-        return None
-    fn = getattr(pipeline, "bench_stages", None)
-    if fn is not None:
-        return lambda case: fn(**case.kwargs(), backend=backend)
-    needed = ("index_plan", "video_keep", "audio_scores", "audio_keep", "assemble")
-    if all(hasattr(pipeline, n) for n in needed):
-        return lambda case: pipeline_stages(case, backend)
-    return None
-
-
 def pipeline_stages(case, backend: str) -> dict[str, Callable[[], Any]]:
     """The stages of ``omnisift_kernels.pipeline.fast_compress``, called one by one.
 
@@ -289,14 +263,9 @@ def pipeline_stages(case, backend: str) -> dict[str, Callable[[], Any]]:
 
     keep_a = audio_select()
 
-    import inspect
-
-    extra = {}
-    if "with_selector" in inspect.signature(PL.assemble).parameters:
-        extra["with_selector"] = sel is not None
-
     def gather():
-        return PL.assemble(x, pos, labels, p, sizes, index, keep_v, keep_a, scores, "packed", **extra)
+        return PL.assemble(x, pos, labels, p, sizes, index, keep_v, keep_a, scores, "packed",
+                           with_selector=sel is not None)
 
     out = {"plan": plan, "video_scores+select": video, "audio_select": audio_select, "gather": gather,
            "_keep_mask": lambda: gather().keep_mask}

@@ -1,13 +1,16 @@
-"""pytest-benchmark suites of the OmniSIFT ops (video scores, segmented top-k, gather_ste).
+"""pytest-benchmark suites of the OmniSIFT ops: video scores, segmented top-k, gather_ste, varlen_compact
+and the selector's chunk attention (one or more cases per op of ``omnisift_kernels.ops``).
 
 * On CUDA: Qwen2.5-Omni-7B-like shapes (D = 3584, bf16, 2 rows x 20 two-second chunks of two
   256-token frames + 50 audio tokens), Triton path vs the torch path.
 * Elsewhere (CPU, incl. the Triton interpreter): tiny shapes so that ``--benchmark-disable`` runs
   in seconds; the Triton variants only under ``TRITON_INTERPRET=1`` (marked ``interpreter``).
 
-Every case first checks the measured path against the torch path (masks/gathers exactly,
-scores within ``omnisift_kernels.testing.TOLERANCES``). ``extra_info["bytes"]`` is the ideal
-HBM traffic of the op, for a GB/s figure: ``bytes / median``.
+Every case first checks the measured path against the readable references of
+``omnisift_kernels.reference`` (never against another fast path): scores and attention outputs
+within ``omnisift_kernels.testing.TOLERANCES``, masks exactly against ``reference.topk``'s Python
+sort, gathers exactly against plain indexing. ``extra_info["bytes"]`` is the ideal HBM traffic of
+the op, for a GB/s figure: ``bytes / median``.
 
     pytest bench/test_bench_ops.py --benchmark-only            # on a GPU machine
     TRITON_INTERPRET=1 pytest bench/test_bench_ops.py --benchmark-disable
@@ -20,13 +23,20 @@ import os
 import pytest
 import torch
 
+from omnisift_kernels.ops import chunk_attention as attention_ops
 from omnisift_kernels.ops.gather import gather_rows_torch, gather_ste, gather_ste_backward_torch
 from omnisift_kernels.ops.topk import segmented_topk_mask_torch
+from omnisift_kernels.ops.varlen import varlen_compact
 from omnisift_kernels.ops.video import (
     frame_pair_similarity_torch,
     frame_saliency_torch,
     video_scores_torch,
 )
+from omnisift_kernels.reference import chunk_attention as ref_attention
+from omnisift_kernels.reference import gather as ref_gather
+from omnisift_kernels.reference import topk as ref_topk
+from omnisift_kernels.reference import varlen as ref_varlen
+from omnisift_kernels.reference import video as ref_video
 from omnisift_kernels.testing import assert_close_scores
 from omnisift_kernels.triton_kernels import TRITON_AVAILABLE
 
@@ -103,6 +113,30 @@ class Workload:
         self.scores_bl = torch.rand(B, L, generator=g2).to(DEVICE)
         keep = torch.rand(B * L, generator=g2) < 0.35
         self.keep_idx = torch.arange(B * L)[keep].to(DEVICE)
+        self.keep = keep.view(B, L).to(DEVICE)
+        self.position_ids = torch.arange(L).expand(3, B, L).contiguous().to(DEVICE)
+        self.labels = torch.randint(0, 1000, (B, L), generator=g2).to(DEVICE)
+        # The selector's chunk attention on this layout: per chunk, the audio queries against the
+        # surviving video keys (two frames less the dropped ones), hidden 512 = 8 heads of 64.
+        C, La, Lv, E = B * chunks, audio, 2 * (frame - int(frame * 0.67)), 512
+        self.heads = 8
+        self.q = torch.randn(C, La, E, generator=g2).to(dtype).to(DEVICE)
+        kv = torch.randn(C, Lv, 2 * E, generator=g2).to(dtype).to(DEVICE)
+        self.k, self.v = kv[..., :E], kv[..., E:]  # the halves of one projection, as the selector has them
+        self.key_padding = torch.zeros(C, Lv, dtype=torch.bool, device=DEVICE)
+        self.key_padding[::3, Lv // 2:] = True  # some chunks with fewer surviving keys
+        self._ref = {}
+
+    def ref(self, name, fn, *args):
+        """``fn(*args)`` (a reference) computed once per workload."""
+        if name not in self._ref:
+            self._ref[name] = fn(*args)
+        return self._ref[name]
+
+    def grad_dot_scale(self, g):
+        """``|x[b, l]| * |g[j]|`` for ``indices[j] = b*L + l`` (fp64): the scale of each grad_scores dot."""
+        rows = self.x.flatten(0, 1)[self.keep_idx].double().cpu()
+        return torch.linalg.vector_norm(rows, dim=-1) * torch.linalg.vector_norm(g.double().cpu(), dim=-1)
 
 
 @pytest.fixture(scope="module")
@@ -114,11 +148,15 @@ def _pick(path, triton_fn, torch_fn):
     return triton_fn if path == "triton" else torch_fn
 
 
+def _reference_scores(wl):
+    return wl.ref("video_scores", ref_video.video_scores, wl.x.cpu(), wl.tok.cpu(), wl.off.cpu(), wl.pair.cpu())
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_bench_video_scores_fused(benchmark, wl, path):
     fn = _pick(path, lambda: video_scores_triton(wl.x, wl.tok, wl.off, wl.pair),
                lambda: video_scores_torch(wl.x, wl.tok, wl.off, wl.pair))
-    assert_close_scores(fn(), video_scores_torch(wl.x, wl.tok, wl.off, wl.pair), wl.x.dtype)
+    assert_close_scores(fn(), _reference_scores(wl), wl.x.dtype)
     n = wl.tok.numel()
     benchmark.extra_info["bytes"] = (n // 2 * 2 + n // 2) * wl.D * wl.e  # frame 1 x2, frame 2 x1
     _run(benchmark, fn)
@@ -137,7 +175,11 @@ def test_bench_video_scores_unfused(benchmark, wl, path):
             return (frame_saliency_torch(wl.x, wl.tok, wl.off),
                     frame_pair_similarity_torch(wl.x, wl.first, wl.second))
     sal, tmp = fn()
-    assert_close_scores(sal, frame_saliency_torch(wl.x, wl.tok, wl.off), wl.x.dtype)
+    x = wl.x.cpu()
+    assert_close_scores(sal, wl.ref("saliency", ref_video.frame_saliency, x, wl.tok.cpu(), wl.off.cpu()),
+                        wl.x.dtype)
+    assert_close_scores(tmp, wl.ref("pairs", ref_video.frame_pair_similarity, x, wl.first.cpu(), wl.second.cpu()),
+                        wl.x.dtype)
     n = wl.tok.numel()
     benchmark.extra_info["bytes"] = (2 * n + n) * wl.D * wl.e
     _run(benchmark, fn)
@@ -150,7 +192,8 @@ def test_bench_segmented_topk(benchmark, wl, path, which):
                       else (wl.audio_scores, wl.audio_off, wl.k_audio))
     fn = _pick(path, lambda: segmented_topk_mask_triton(scores, off, k),
                lambda: segmented_topk_mask_torch(scores, off, k))
-    assert torch.equal(fn(), segmented_topk_mask_torch(scores, off, k))
+    expected = wl.ref(f"topk {which}", ref_topk.segmented_topk_mask, scores.cpu(), off.cpu(), k.cpu())
+    assert torch.equal(fn().cpu(), expected)
     benchmark.extra_info["bytes"] = scores.numel() * 5
     _run(benchmark, fn)
 
@@ -159,9 +202,25 @@ def test_bench_segmented_topk(benchmark, wl, path, which):
 def test_bench_gather_forward(benchmark, wl, path):
     fn = _pick(path, lambda: gather_rows_triton(wl.x, wl.keep_idx),
                lambda: gather_rows_torch(wl.x, wl.keep_idx))
-    assert torch.equal(fn(), gather_rows_torch(wl.x, wl.keep_idx))
+    assert torch.equal(fn(), wl.x.flatten(0, 1)[wl.keep_idx])  # plain indexing, bit for bit
     benchmark.extra_info["bytes"] = 2 * wl.keep_idx.numel() * wl.D * wl.e
     _run(benchmark, fn)
+
+
+def _check_gather_backward(gx, gs, wl, g):
+    """``grad_x`` exactly and ``grad_scores`` within the fp32 'similarity' tolerance of
+    ``reference.gather.gather_ste_backward`` (fp64). Each grad_scores element is a dot product of D
+    terms, whose fp32 rounding is bounded relative to ``|x row| * |g row|``: the values are compared
+    divided by that scale (gathered positions; zeros elsewhere, exactly)."""
+    rx, rs = ref_gather.gather_ste_backward(g.cpu(), wl.x.cpu(), wl.keep_idx.cpu())
+    assert torch.equal(gx.double().cpu(), rx)
+    idx = wl.keep_idx.cpu()
+    gs = gs.double().cpu().flatten()
+    rs = rs.flatten()
+    others = torch.ones_like(rs, dtype=torch.bool).index_fill_(0, idx, False)
+    assert torch.equal(gs[others], rs[others])
+    scale = wl.grad_dot_scale(g).clamp_min(1e-30)
+    assert_close_scores(gs[idx] / scale, rs[idx] / scale, torch.float32, "similarity")
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -170,9 +229,7 @@ def test_bench_gather_backward(benchmark, wl, path):
     fn = _pick(path, lambda: gather_ste_backward_triton(g, wl.x, wl.keep_idx),
                lambda: gather_ste_backward_torch(g, wl.x, wl.keep_idx))
     gx, gs = fn()
-    rx, rs = gather_ste_backward_torch(g, wl.x, wl.keep_idx)
-    assert torch.equal(gx, rx)
-    torch.testing.assert_close(gs, rs, atol=1e-3 * wl.D ** 0.5, rtol=1e-4)
+    _check_gather_backward(gx, gs, wl, g)
     T = wl.keep_idx.numel()
     benchmark.extra_info["bytes"] = (3 * T + wl.x.shape[0] * wl.x.shape[1]) * wl.D * wl.e
     _run(benchmark, fn)
@@ -182,10 +239,58 @@ def test_bench_gather_ste_autograd(benchmark, wl):
     """The public op end to end (forward + backward through autograd), on the default path."""
     x = wl.x.detach().requires_grad_(True)
     s = wl.scores_bl.detach().requires_grad_(True)
+    y = gather_ste(x, wl.keep_idx, s)
+    assert torch.equal(y, wl.x.flatten(0, 1)[wl.keep_idx])
+    y.float().sum().backward()
+    ones = torch.ones(wl.keep_idx.numel(), wl.D, dtype=wl.x.dtype, device=DEVICE)  # d(sum)/dy
+    _check_gather_backward(x.grad, s.grad, wl, ones)
 
     def fn():
         gather_ste(x, wl.keep_idx, s).float().sum().backward()
 
+    _run(benchmark, fn)
+
+
+def test_bench_varlen_compact(benchmark, wl):
+    """Compaction of the kept tokens (packed rows, indices, cu_seqlens, positions, labels), exactly
+    ``reference.varlen.varlen_compact`` (boolean indexing)."""
+    def fn():
+        return varlen_compact(wl.x, wl.keep, position_ids=wl.position_ids, labels=wl.labels)
+
+    got = fn()
+    want = ref_varlen.varlen_compact(wl.x, wl.keep, wl.position_ids, wl.labels)
+    for name in ("packed", "indices", "cu_seqlens", "position_ids", "labels"):
+        a, b = getattr(got, name), want[name]
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    assert int(got.max_seqlen) == want["max_seqlen"]
+    T = wl.keep_idx.numel()
+    benchmark.extra_info["bytes"] = 2 * T * wl.D * wl.e + wl.keep.numel() + T * (3 * 8 + 8 + 8)
+    _run(benchmark, fn)
+
+
+@pytest.mark.parametrize("impl", ["chunk_attention", "heads_attention"])
+def test_bench_chunk_attention(benchmark, wl, impl, monkeypatch):
+    """The selector's attention: ``ops.chunk_attention.chunk_attention`` (the CPU fast path's: the
+    extension's AVX-512 kernel where it serves) and ``heads_attention`` (scaled_dot_product_attention),
+    against the fp64 ``reference.chunk_attention``."""
+    args = (wl.q, wl.k, wl.v, wl.key_padding, wl.heads)
+    if impl == "chunk_attention":
+        monkeypatch.delenv("OMNISIFT_CPU_ATTENTION", raising=False)
+        if not attention_ops.kernel_serves(wl.q, wl.k, wl.v, wl.heads):
+            pytest.skip("the extension's chunk attention kernel does not serve here (CPU tensors, the extension "
+                        "and an AVX-512 CPU needed): chunk_attention would time heads_attention")
+        fn = lambda: attention_ops.chunk_attention(*args)  # noqa: E731
+    else:
+        fn = lambda: attention_ops.heads_attention(*args)  # noqa: E731
+    out = fn()
+    assert out.dtype == wl.q.dtype
+    kind = "similarity" if out.dtype == torch.float32 else "native"  # half precision: rounded output
+    exact = wl.ref("attention", ref_attention.chunk_attention, *args)
+    assert_close_scores(out, exact, wl.q.dtype, kind)
+    C, La, E = wl.q.shape
+    Lv = wl.k.shape[1]
+    benchmark.extra_info["bytes"] = (2 * C * La * E + 2 * C * Lv * E) * wl.q.element_size()
+    benchmark.extra_info["flops"] = 4 * C * La * Lv * E
     _run(benchmark, fn)
 
 

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,6 +38,15 @@ def _workloads(config) -> list[str]:
     return ["tiny"]
 
 
+def golden_path() -> Path | None:
+    """``shared/golden/release_masks.pt``: ``shared/`` is the sibling of the repository root (as in
+    ``tests/test_golden.py``); ``$OMNISIFT_GOLDEN`` points elsewhere."""
+    candidates = [Path(__file__).resolve().parents[1].parent / "shared/golden/release_masks.pt"]
+    if os.environ.get("OMNISIFT_GOLDEN"):
+        candidates.append(Path(os.environ["OMNISIFT_GOLDEN"]))
+    return next((p for p in candidates if p.is_file()), None)
+
+
 def pytest_generate_tests(metafunc):  # noqa: D103  (pytest hook, local to this module)
     if "workload" in metafunc.fixturenames:
         metafunc.parametrize("workload", _workloads(metafunc.config))
@@ -55,9 +65,12 @@ def test_end_to_end(benchmark, provider, workload, preset):
         pytest.skip(f"{provider}: {_AVAIL[provider]}")
     cases = _FACTORY.cases(workload, DTYPE, preset, DEVICE, [0, 1])
     fns = [PROVIDERS[provider].e2e(c) for c in cases]
-    refs = [compress(**c.kwargs(), backend="reference").keep_mask for c in cases]
-    for fn, ref in zip(fns, refs):  # agreement before timing, as in the CLI
-        assert torch.equal(fn(), ref), f"{provider} keep mask differs from the reference on {workload} {preset}"
+    # Agreement before timing, as in the CLI. The reference provider is the oracle itself (comparing
+    # it with itself proves nothing): timed only; tests/test_golden.py checks it against the release.
+    if provider != "reference":
+        refs = [compress(**c.kwargs(), backend="reference").keep_mask for c in cases]
+        for fn, ref in zip(fns, refs):
+            assert torch.equal(fn(), ref), f"{provider} keep mask differs from the reference on {workload} {preset}"
     state = {"i": 0}
 
     def run():
@@ -74,11 +87,9 @@ def test_end_to_end(benchmark, provider, workload, preset):
 
 def test_release_loop_matches_golden_masks():
     """The release-style baseline reproduces the masks produced by the authors' released code."""
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "golden",
-                        "release_masks.pt")
-    path = next((p for p in (path, "/work/shared/golden/release_masks.pt") if os.path.exists(p)), None)
+    path = golden_path()
     if path is None:
-        pytest.skip("shared/golden/release_masks.pt not found")
+        pytest.skip("golden masks not found: neither ../shared/golden/release_masks.pt nor $OMNISIFT_GOLDEN exists")
     for c in torch.load(path, weights_only=False):
         s = c["selector"]
         sel = VisionGuidedAudioSelector(s["d_model"], s["num_heads"], s["hidden_dim"])

@@ -1,6 +1,13 @@
-"""The selector's chunk attention on the CPU: the extension's AVX-512 kernel
-(``omnisift::chunk_attention_cpu``) against ``scaled_dot_product_attention``
-(:func:`omnisift_kernels.ops.chunk_attention.heads_attention`), its errors, and when the fast path uses it."""
+"""The selector's chunk attention on the CPU, against the fp64 reference
+(:func:`omnisift_kernels.reference.chunk_attention.chunk_attention`): the extension's AVX-512 kernel
+(``omnisift::chunk_attention_cpu``, called directly or through a dispatch that must have chosen it),
+the ``scaled_dot_product_attention`` path (:func:`omnisift_kernels.ops.chunk_attention.heads_attention`),
+the kernel's errors, and when the fast path uses it.
+
+Tolerances come from ``omnisift_kernels.testing.TOLERANCES``: ``"similarity"`` for an fp32 output
+computed from the inputs' values (the kernel widens bf16/fp16 exactly), ``"native"`` for an output
+rounded to (or computed in) a half precision dtype.
+"""
 
 from __future__ import annotations
 
@@ -8,17 +15,26 @@ import pytest
 import torch
 
 from omnisift_kernels import compress
-from omnisift_kernels.ops import chunk_attention as cpu_attention
+from omnisift_kernels import pipeline
 from omnisift_kernels._ext import ext_has_kernel
-from omnisift_kernels.presets import PRESETS
+from omnisift_kernels.ops import chunk_attention as cpu_attention
 from omnisift_kernels.ops.chunk_attention import heads_attention
+from omnisift_kernels.presets import PRESETS
+from omnisift_kernels.reference.chunk_attention import chunk_attention as reference_attention
 from omnisift_kernels.selector import VisionGuidedAudioSelector
 from omnisift_kernels.synthetic import clip_row, make_batch
-from omnisift_kernels.testing import tolerance
-from omnisift_kernels.testing import set_cpu_env
+from omnisift_kernels.testing import assert_close_scores, near_tie_differences, set_cpu_env
 
-available = ext_has_kernel("chunk_attention_cpu", "CPU") and bool(torch.ops.omnisift.chunk_attention_cpu_available())
-needs_kernel = pytest.mark.skipif(not available, reason="needs the extension's AVX-512 CPU kernels")
+EXT_BUILT = ext_has_kernel("chunk_attention_cpu", "CPU")
+available = EXT_BUILT and bool(torch.ops.omnisift.chunk_attention_cpu_available())
+if not EXT_BUILT:
+    _WHY = "the extension (omnisift_kernels._C) is not built or has no chunk_attention_cpu kernel"
+else:
+    _WHY = (f"chunk_attention_cpu needs the AVX-512 CPU kernels; this process runs "
+            f"'{torch.ops.omnisift.cpu_kernels_isa()}' (a CPU without AVX-512, or OMNISIFT_CPU_ISA below it)")
+needs_kernel = pytest.mark.skipif(not available, reason=_WHY)
+
+kernel = torch.ops.omnisift.chunk_attention_cpu if EXT_BUILT else None
 
 
 def _inputs(C, La, Lv, heads, head_dim, padding, seed=0, scale=1.0):
@@ -36,7 +52,17 @@ def _inputs(C, La, Lv, heads, head_dim, padding, seed=0, scale=1.0):
     return q, kv[..., :E], kv[..., E:], mask
 
 
-@needs_kernel
+def _run(impl, q, k, v, mask, heads):
+    """``impl``: "kernel" calls the extension's op itself, "sdpa" the scaled_dot_product_attention path."""
+    if impl == "kernel":
+        return kernel(q, k, v, mask, heads)
+    return heads_attention(q, k, v, mask, heads)
+
+
+IMPLS = [pytest.param("kernel", marks=needs_kernel), "sdpa"]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("C, La, Lv, heads, head_dim", [
     (10, 50, 198, 8, 64),   # omni7b-20s at paper-35
     (3, 70, 13, 8, 64),     # two query tiles, the last one partial; 13 keys = 2 blocks of 6 + 1
@@ -47,75 +73,94 @@ def _inputs(C, La, Lv, heads, head_dim, padding, seed=0, scale=1.0):
     (2, 33, 11, 1, 64),
 ])
 @pytest.mark.parametrize("padding", [None, "right", "scattered"])
-def test_kernel_equals_sdpa(C, La, Lv, heads, head_dim, padding):
+def test_matches_reference(impl, C, La, Lv, heads, head_dim, padding):
     q, k, v, mask = _inputs(C, La, Lv, heads, head_dim, padding)
-    got = torch.ops.omnisift.chunk_attention_cpu(q, k, v, mask, heads)
-    atol, rtol = tolerance(torch.float32, "native")
-    torch.testing.assert_close(got, heads_attention(q, k, v, mask, heads), atol=atol, rtol=rtol)
+    got = _run(impl, q, k, v, mask, heads)
+    assert got.dtype == torch.float32 and got.shape == q.shape
+    assert_close_scores(got, reference_attention(q, k, v, mask, heads), torch.float32, "similarity")
 
 
-@needs_kernel
-def test_kernel_on_peaked_and_flat_softmax():
-    """Scores of hundreds (one key takes all the weight, the others underflow) and of zero (uniform)."""
-    q, k, v, mask = _inputs(3, 20, 40, 8, 64, "right", seed=1, scale=60.0)
-    atol, rtol = tolerance(torch.float32, "native")
-    got = torch.ops.omnisift.chunk_attention_cpu(q, k, v, mask, 8)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_peaked_and_flat_softmax(impl):
+    """Scores of hundreds (one key takes all the weight, the others underflow) and of zero (uniform).
+
+    Integer queries and keys in {-1, 0, 1}: the logits (integers / 8) are exact in fp32, so the
+    comparison with the fp64 reference measures the softmax and the weighted sum, not the rounding
+    of logits of hundreds (an fp32 logit of 200 is off by ~1e-5, and so is its weight)."""
+    _, _, v, mask = _inputs(3, 20, 40, 8, 64, "right", seed=1)
+    g = torch.Generator().manual_seed(11)
+    q = torch.randint(-500, 501, (3, 20, 512), generator=g).float()
+    kv = torch.cat([torch.randint(-1, 2, (3, 40, 512), generator=g).float(), v], -1)
+    k, v = kv[..., :512], kv[..., 512:]  # the halves of one projection, as the kernel reads them
+    got = _run(impl, q, k, v, mask, 8)
     assert torch.isfinite(got).all()
-    torch.testing.assert_close(got, heads_attention(q, k, v, mask, 8), atol=atol, rtol=rtol)
+    assert_close_scores(got, reference_attention(q, k, v, mask, 8), torch.float32, "similarity")
     zero_q = torch.zeros_like(q)
-    torch.testing.assert_close(torch.ops.omnisift.chunk_attention_cpu(zero_q, k, v, None, 8),
-                               heads_attention(zero_q, k, v, None, 8), atol=atol, rtol=rtol)
+    assert_close_scores(_run(impl, zero_q, k, v, None, 8), reference_attention(zero_q, k, v, None, 8),
+                        torch.float32, "similarity")
 
 
 @needs_kernel
 def test_kernel_accuracy_with_thousands_of_keys():
-    """Sums over 2,000 keys (large frames) stay as accurate as ATen's against an fp64 computation:
-    the kernel adds keys in blocks, so its rounding does not grow with the key count."""
+    """Sums over 2,000 keys (large frames) stay within the tolerance of the fp64 reference, and as
+    accurate as ATen's attention: the kernel adds keys in blocks, so its rounding does not grow with
+    the key count."""
     q, k, v, mask = _inputs(2, 100, 2000, 32, 16, "scattered", seed=7, scale=3.0)
-    got = torch.ops.omnisift.chunk_attention_cpu(q, k, v, mask, 32).double()
-    exact = heads_attention(q.double(), k.double(), v.double(), mask, 32)
+    exact = reference_attention(q, k, v, mask, 32)
+    got = kernel(q, k, v, mask, 32).double()
+    assert_close_scores(got, exact, torch.float32, "similarity")
     sdpa = heads_attention(q, k, v, mask, 32).double()
-    atol, rtol = tolerance(torch.float32, "native")
-    torch.testing.assert_close(got, exact, atol=atol, rtol=rtol)
     assert (got - exact).abs().max() <= 2 * (sdpa - exact).abs().max() + 1e-7
 
 
-@needs_kernel
-def test_kernel_reads_strided_views_in_place():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_reads_strided_views_in_place(impl):
     """Queries as a view with a row stride; keys and values as the halves of one projection."""
-    base = torch.randn(4, 25, 3 * 128)
+    base = torch.randn(4, 25, 3 * 128, generator=torch.Generator().manual_seed(8))
     q = base[..., 128:256]
     _, k, v, mask = _inputs(4, 25, 9, 2, 64, "right", seed=3)
-    atol, rtol = tolerance(torch.float32, "native")
-    torch.testing.assert_close(torch.ops.omnisift.chunk_attention_cpu(q, k, v, mask, 2),
-                               heads_attention(q, k, v, mask, 2), atol=atol, rtol=rtol)
+    assert_close_scores(_run(impl, q, k, v, mask, 2), reference_attention(q, k, v, mask, 2), torch.float32,
+                        "similarity")
 
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_inputs_are_widened(dtype):
-    """bf16/fp16 heads: widened to fp32, attended, rounded back; within the half precision tolerance
-    of ATen's attention in that dtype."""
+def test_half_precision_inputs_are_widened(dtype, monkeypatch):
+    """bf16/fp16 heads: widened to fp32, attended, rounded back; the dispatch picks the kernel for
+    them, and the result is within the dtype's tolerance of the fp64 reference on the same values."""
+    monkeypatch.delenv("OMNISIFT_CPU_ATTENTION", raising=False)
     q, k, v, mask = _inputs(4, 30, 20, 8, 64, "right", seed=5)
     q, kv = q.to(dtype), torch.cat([k, v], -1).to(dtype)
     k, v = kv[..., :512], kv[..., 512:]
+    exact = reference_attention(q, k, v, mask, 8)
+    assert cpu_attention.kernel_serves(q, k, v, 8)  # the dispatch below runs the kernel
     got = cpu_attention.chunk_attention(q, k, v, mask, 8)
     assert got.dtype == dtype
-    atol, rtol = tolerance(dtype, "native")
-    torch.testing.assert_close(got.float(), heads_attention(q, k, v, mask, 8).float(), atol=atol, rtol=rtol)
-    # The kernel reads the half precision rows in place and widens them exactly: its fp32 output is
-    # what it computes from fp32 copies (the same operations on the same values), bit for bit.
-    op = torch.ops.omnisift.chunk_attention_cpu
-    native = op(q, k, v, mask, 8)
+    assert_close_scores(got, exact, dtype, "native")  # rounded to the dtype once
+    native = kernel(q, k, v, mask, 8)
     assert native.dtype == torch.float32
-    assert torch.equal(native, op(q.float(), k.float(), v.float(), mask, 8))
+    assert_close_scores(native, exact, dtype, "similarity")  # fp32 from the same (widened) values
+    # The kernel reads the half precision rows in place and widens them exactly: its fp32 output is
+    # what it computes from fp32 copies (the same operations on the same values), bit for bit; the
+    # public op rounds that output once.
+    assert torch.equal(native, kernel(q.float(), k.float(), v.float(), mask, 8))
     assert torch.equal(got, native.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sdpa_half_precision(dtype):
+    """The fallback in half precision (ATen's attention in that dtype) against the fp64 reference."""
+    q, k, v, mask = _inputs(4, 30, 20, 8, 64, "right", seed=5)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    got = heads_attention(q, k, v, mask, 8)
+    assert got.dtype == dtype
+    assert_close_scores(got, reference_attention(q, k, v, mask, 8), dtype, "native")
 
 
 @needs_kernel
 def test_kernel_errors():
     q, k, v, mask = _inputs(2, 5, 4, 2, 64, None)
-    op = torch.ops.omnisift.chunk_attention_cpu
+    op = kernel
     with pytest.raises(ValueError, match="no real key"):
         op(q, k, v, torch.ones(2, 4, dtype=torch.bool), 2)
     with pytest.raises(ValueError, match="head_dim must be 16, 32, 48 or 64"):
@@ -135,8 +180,21 @@ def test_kernel_errors():
     assert op(q[:, :0], k, v, None, 2).shape == (2, 0, 128)
 
 
+def _spy_sdpa(monkeypatch):
+    """Counts the calls of ``heads_attention`` made by ``chunk_attention`` (the SDPA fallback)."""
+    calls = []
+
+    def spy(*args):
+        calls.append(1)
+        return heads_attention(*args)
+
+    monkeypatch.setattr(cpu_attention, "heads_attention", spy)
+    return calls
+
+
 def test_dispatch(monkeypatch):
     q, k, v, mask = _inputs(2, 5, 4, 2, 64, "right")
+    exact = reference_attention(q, k, v, mask, 2)
     monkeypatch.delenv("OMNISIFT_CPU_ATTENTION", raising=False)
     assert cpu_attention.kernel_serves(q, k, v, 2) == available
     assert cpu_attention.kernel_serves(q.bfloat16(), k.bfloat16(), v.bfloat16(), 2) == available
@@ -147,9 +205,15 @@ def test_dispatch(monkeypatch):
     with torch.no_grad():
         assert cpu_attention.kernel_serves(q, k, v, 2) == available
     q = q.detach()
+    sdpa_calls = _spy_sdpa(monkeypatch)
+    # auto: the kernel where it serves (no SDPA call), else SDPA; the reference's values either way.
+    assert_close_scores(cpu_attention.chunk_attention(q, k, v, mask, 2), exact, torch.float32, "similarity")
+    assert len(sdpa_calls) == (0 if available else 1)
     monkeypatch.setenv("OMNISIFT_CPU_ATTENTION", "sdpa")
     assert not cpu_attention.kernel_serves(q, k, v, 2)
-    assert torch.equal(cpu_attention.chunk_attention(q, k, v, mask, 2), heads_attention(q, k, v, mask, 2))
+    sdpa_calls.clear()
+    assert_close_scores(cpu_attention.chunk_attention(q, k, v, mask, 2), exact, torch.float32, "similarity")
+    assert len(sdpa_calls) == 1
     monkeypatch.setenv("OMNISIFT_CPU_ATTENTION", "fast")
     with pytest.raises(ValueError, match="OMNISIFT_CPU_ATTENTION must be auto or sdpa"):
         cpu_attention.chunk_attention(q, k, v, mask, 2)
@@ -158,19 +222,30 @@ def test_dispatch(monkeypatch):
     assert not cpu_attention.kernel_serves(q, k, v, 2)
 
 
+@pytest.mark.parametrize("choice", ["auto", "sdpa"])
 @pytest.mark.parametrize("frames", [(16, 16), (13, 23)])
-def test_fast_path_with_and_without_the_kernel(monkeypatch, frames):
-    """The CPU fast path gives the same masks with the kernel as with SDPA, scores within fp32
-    rounding (near ties aside: none at these seeds)."""
+def test_fast_path_matches_reference(monkeypatch, frames, choice):
+    """The CPU fast path, with the kernel (``auto`` where it serves) and with SDPA: the reference's
+    keep mask (near ties aside: none at these seeds) and its audio scores within the fp32 score
+    tolerance. Checks which attention the fast path really ran."""
     torch.manual_seed(2)
     sel = VisionGuidedAudioSelector(256).eval().requires_grad_(False)
     batch = make_batch([clip_row(6, *frames), clip_row(5, *frames)], 256, seed=4)
     kw = dict(batch.compress_kwargs(), selector=sel, rho_video=PRESETS["paper-35"].rho_video,
-              rho_audio=PRESETS["paper-35"].rho_audio, backend="cpu")
-    monkeypatch.setenv("OMNISIFT_CPU_ATTENTION", "sdpa")
-    sdpa = compress(**kw)
-    monkeypatch.setenv("OMNISIFT_CPU_ATTENTION", "auto")
-    fast = compress(**kw)
-    assert torch.equal(fast.keep_mask, sdpa.keep_mask)
-    atol, rtol = tolerance(torch.float32, "score")
-    torch.testing.assert_close(fast.audio_scores, sdpa.audio_scores, atol=atol, rtol=rtol)
+              rho_audio=PRESETS["paper-35"].rho_audio)
+    ref = compress(**kw, backend="reference")
+    served = []
+
+    def spy(q, k, v, key_padding, num_heads):
+        served.append(cpu_attention.kernel_serves(q, k, v, num_heads))
+        return cpu_attention.chunk_attention(q, k, v, key_padding, num_heads)
+
+    monkeypatch.setattr(pipeline, "chunk_attention", spy)
+    monkeypatch.setenv("OMNISIFT_CPU_ATTENTION", choice)
+    fast = compress(**kw, backend="cpu")
+    assert served and all(s == (available and choice == "auto") for s in served), served
+    n = near_tie_differences(fast.keep_mask, ref.keep_mask, ref.audio_scores, batch.inputs_embeds, batch.input_ids,
+                             batch.position_ids, batch.attention_mask, video_token_id=batch.video_token_id,
+                             audio_token_id=batch.audio_token_id, selector_dtype=torch.float32)
+    assert n == 0
+    assert_close_scores(fast.audio_scores, ref.audio_scores, torch.float32, "score")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -204,9 +205,9 @@ def test_gpu_default_config_under_interpreter(monkeypatch):
 @given(sizes=st.lists(st.integers(0, 70), min_size=0, max_size=10), levels=st.sampled_from([0, 2, 5]),
        seed=st.integers(0, 1000), data=st.data())
 def test_cpu_kernel_equals_torch_path_and_reference(sizes, levels, seed, data):
-    """The C++ CPU kernel (what the op runs on CPU tensors): equal to the reference and to the torch
-    path, with ties (few score levels), -0.0/+0.0, infinities and k outside [0, size]; with NaN, equal to
-    the torch path (NaN ranks first in both)."""
+    """The C++ CPU kernel (what the op runs on CPU tensors) and the torch path: equal to the reference,
+    with ties (few score levels), -0.0/+0.0, infinities and k outside [0, size]; with NaN, equal to a
+    Python sort that ranks NaN first (the order ``ops.topk`` documents; the reference takes no NaN)."""
     ks = [data.draw(st.integers(-2, s + 2)) for s in sizes]
     g = torch.Generator().manual_seed(seed)
     n = sum(sizes)
@@ -215,10 +216,24 @@ def test_cpu_kernel_equals_torch_path_and_reference(sizes, levels, seed, data):
         scores[torch.randint(0, n, (max(n // 10, 1),), generator=g)] = -0.0
         scores[torch.randint(0, n, (1,), generator=g)] = float("inf")
     off, k = _layout(sizes, ks)
-    got = torch.ops.omnisift.segmented_topk_mask_cpu(scores, off, k)
-    assert torch.equal(got, reference_topk_mask(scores, off, k))
-    assert torch.equal(got, segmented_topk_mask_torch(scores, off, k))
+    expected = reference_topk_mask(scores, off, k)
+    assert torch.equal(torch.ops.omnisift.segmented_topk_mask_cpu(scores, off, k), expected)
+    assert torch.equal(segmented_topk_mask_torch(scores, off, k), expected)
     if n:
         scores[torch.randint(0, n, (max(n // 8, 1),), generator=g)] = float("nan")
-        assert torch.equal(torch.ops.omnisift.segmented_topk_mask_cpu(scores, off, k),
-                           segmented_topk_mask_torch(scores, off, k))
+        expected = _nan_first_topk(scores, off, k)
+        assert torch.equal(torch.ops.omnisift.segmented_topk_mask_cpu(scores, off, k), expected)
+        assert torch.equal(segmented_topk_mask_torch(scores, off, k), expected)
+
+
+def _nan_first_topk(scores, off, k):
+    """A Python sort per segment by (NaN first, score descending, position ascending); -0.0 == 0.0."""
+    vals = scores.tolist()
+    offs, ks = off.tolist(), k.tolist()
+    mask = [False] * len(vals)
+    for s in range(len(offs) - 1):
+        order = sorted(range(offs[s], offs[s + 1]),
+                       key=lambda i: (0, 0.0, i) if math.isnan(vals[i]) else (1, -vals[i], i))
+        for r, i in enumerate(order):
+            mask[i] = r < ks[s]
+    return torch.tensor(mask, dtype=torch.bool)

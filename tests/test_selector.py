@@ -40,15 +40,31 @@ def big():
 
 
 def test_parameter_count_7b(big):
+    # The authors' release (Qwen2.5-Omni-7B width d_model=3584, hidden 512, 8 heads): 4,856,321.
     assert count_parameters(big) == 4_856_321
     assert sum(p.numel() for p in big.parameters()) == 4_856_321
 
 
 def test_parameter_count_real_construction_3b():
-    # 3B width, built for real (no forward): 2*(2048*512+512) + the D-independent rest.
-    sel = VisionGuidedAudioSelector(2048)
-    rest = 4_856_321 - 2 * (3584 * 512 + 512)
-    assert count_parameters(sel) == 2 * (2048 * 512 + 512) + rest
+    # 3B width (d_model=2048), built for real (no forward). By hand:
+    #   v_proj, a_proj: 2 * (2048*512 + 512)       = 2,098,176
+    #   v_norm, a_norm, post_attn_norm: 3 * 2*512  =     3,072
+    #   cross_attn in_proj: 1536*512 + 1536        =   787,968
+    #   cross_attn out_proj: 512*512 + 512         =   262,656
+    #   score_head: (256*512 + 256) + (256 + 1)    =   131,585
+    #   total                                      = 3,283,457
+    assert count_parameters(VisionGuidedAudioSelector(2048)) == 3_283_457
+
+
+def test_parameter_count_small_config():
+    # d_model=24, hidden 16, 4 heads, by hand:
+    #   v_proj, a_proj: 2 * (24*16 + 16) = 800
+    #   three LayerNorms: 3 * 2*16        =  96
+    #   in_proj: 48*16 + 48               = 816
+    #   out_proj: 16*16 + 16              = 272
+    #   score_head: (8*16 + 8) + (8 + 1)  = 145
+    #   total                             = 2,129
+    assert count_parameters(VisionGuidedAudioSelector(24, num_heads=4, hidden_dim=16)) == 2_129
 
 
 def test_release_state_dict_names_and_shapes(big):

@@ -1,4 +1,7 @@
-"""The extension's C++ CPU kernel of the video scores against the pure-torch path and the spec."""
+"""The extension's C++ CPU kernels of the video scores (``omnisift::video_scores_cpu``) and of the fused
+scores + drop set + row gather (``omnisift::video_keep_gather_cpu``) against the readable references:
+``reference.video.video_scores`` (fp64) for the scores, ``reference.topk.segmented_topk_mask`` (a Python
+sort) for the drop set, plain indexing for the rows."""
 
 from __future__ import annotations
 
@@ -11,8 +14,9 @@ import torch.nn.functional as F
 from omnisift_kernels._ext import ext_has_kernel
 from omnisift_kernels.ops import frame_pair_similarity, frame_saliency, video_scores
 from omnisift_kernels.ops import video as video_ops
-from omnisift_kernels.testing import assert_close_scores, random_layout
-from omnisift_kernels.testing import set_cpu_env
+from omnisift_kernels.reference.topk import segmented_topk_mask as reference_topk_mask
+from omnisift_kernels.reference.video import video_scores as reference_video_scores
+from omnisift_kernels.testing import assert_close_scores, random_layout, set_cpu_env, tolerance
 
 pytestmark = pytest.mark.skipif(
     not ext_has_kernel("video_scores_cpu", "CPU"), reason="the extension's CPU kernels are not built"
@@ -43,7 +47,7 @@ def cpu_isa(request, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("layout", ["contiguous", "sliced", "transposed"])
 @pytest.mark.parametrize("D", [37, 1, 8, 16, 3584])
-def test_cpp_kernel_equals_torch_path(dtype, layout, D, cpu_isa):
+def test_cpp_kernel_matches_reference(dtype, layout, D, cpu_isa):
     # D covers the vector loops' tails: none (8, 16 and the Qwen2.5-Omni-7B width), scalar only (1),
     # 32/16/8-wide + scalar (37); every instruction set the machine has.
     g = torch.Generator().manual_seed(0)
@@ -53,14 +57,14 @@ def test_cpp_kernel_equals_torch_path(dtype, layout, D, cpu_isa):
          "transposed": base[:, :, :D].transpose(0, 1).contiguous().transpose(0, 1)}[layout]
     tok, off, pair = _layout_with_pairs(B, L, [7, 7, 0, 1, 12, 12, 5, 3], seed=1)
     fast = torch.ops.omnisift.video_scores_cpu(x, tok, off, pair)
-    slow = video_ops.video_scores_torch(x, tok, off, pair)
-    assert_close_scores(fast, slow, dtype)
+    assert_close_scores(fast, reference_video_scores(x, tok, off, pair), dtype)
     assert fast.dtype == torch.float32 and fast.shape == tok.shape
 
 
 def test_public_ops_use_the_kernel_and_match_cosine_similarity():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 30, 64, generator=g)
+    assert video_ops.cpu_kernel_serves(x)  # the public ops below run the C++ kernel
     tok, off, pair = _layout_with_pairs(2, 30, [10, 10, 4], seed=2)
     rows = x.reshape(-1, 64)
     expected = torch.empty(tok.shape[0])
@@ -118,11 +122,11 @@ def _mixed_layout(B, L, D, seed):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_unfusable_segments_equal_the_torch_path(dtype, cpu_isa):
+def test_unfusable_segments_match_reference(dtype, cpu_isa):
     x, tok, off, pair = _mixed_layout(2, 40, 67, seed=3)
     x = x.to(dtype)
     fast = torch.ops.omnisift.video_scores_cpu(x, tok, off, pair)
-    assert_close_scores(fast, video_ops.video_scores_torch(x, tok, off, pair), dtype)
+    assert_close_scores(fast, reference_video_scores(x, tok, off, pair), dtype)
 
 
 def test_isa_cap_is_honoured(monkeypatch):
@@ -183,7 +187,7 @@ def test_all_finite_cpu(dtype, cpu_isa):
     assert torch.ops.omnisift.all_finite_cpu(x[:0]).dtype == torch.bool
 
 
-def test_portable_loops_equal_the_torch_path():
+def test_portable_loops_match_reference():
     """The kernel's portable (non-AVX2) loops, forced in a subprocess with OMNISIFT_CPU_BASELINE=1."""
     import os
     import subprocess
@@ -192,7 +196,7 @@ def test_portable_loops_equal_the_torch_path():
     code = (
         "import torch\n"
         "import omnisift_kernels\n"
-        "from omnisift_kernels.ops import video as video_ops\n"
+        "from omnisift_kernels.reference.video import video_scores as reference_video_scores\n"
         "from omnisift_kernels.testing import assert_close_scores\n"
         "g = torch.Generator().manual_seed(0)\n"
         "tok = torch.arange(0, 60, dtype=torch.long); off = torch.tensor([0, 20, 40, 60]); pair = torch.full_like(tok, -1)\n"
@@ -201,7 +205,7 @@ def test_portable_loops_equal_the_torch_path():
         "    for D in (37, 3584):\n"
         "        x = torch.randn(2, 40, D, generator=g).to(dtype)\n"
         "        fast = torch.ops.omnisift.video_scores_cpu(x, tok, off, pair)\n"
-        "        assert_close_scores(fast, video_ops.video_scores_torch(x, tok, off, pair), dtype)\n"
+        "        assert_close_scores(fast, reference_video_scores(x, tok, off, pair), dtype)\n"
         "print('ok')\n"
     )
     env = dict(os.environ, OMNISIFT_CPU_BASELINE="1")
@@ -209,20 +213,49 @@ def test_portable_loops_equal_the_torch_path():
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
 
 
-def _keep_gather_expected(x, tok, off, pair, drop, rows_fp32):
-    from omnisift_kernels.ops import segmented_topk_mask
+def _check_keep_gather(keep, rows, x, tok, off, pair, drop, rows_fp32=False, exact=False, where=""):
+    """Checks ``video_keep_gather_cpu``'s output against the references; returns the number of
+    positions whose keep flag differs from the reference's (near ties only).
 
-    scores = torch.ops.omnisift.video_scores_cpu(x, tok, off, pair)
-    keep = ~segmented_topk_mask(scores, off, drop)
-    rows = video_ops.token_rows(x, tok[keep])
-    return keep, (rows.float() if rows_fp32 else rows)
+    Drop set: per segment the ``drop[s]`` tokens first in (score descending, position ascending), by
+    ``reference.topk``'s Python sort of ``reference.video``'s fp64 scores rounded to fp32 (as every
+    backend rounds them). NaN ranks highest (``ops.topk``'s documented order); cosines lie in
+    [-1, 1], so +inf stands for NaN in the reference sort. A segment may differ from the reference
+    only at a near tie: the same number dropped, and the lowest dropped reference score at least the
+    highest kept one minus the ``"similarity"`` tolerance (``exact``: no difference allowed).
+    Rows: plain indexing ``x.flatten(0, 1)[tok[keep]]`` of the kernel's kept tokens, bit for bit.
+    """
+    scores = reference_video_scores(x, tok, off, pair)  # float64
+    ranked = torch.where(scores.isnan(), torch.full_like(scores, float("inf")), scores).float()
+    ref_keep = ~reference_topk_mask(ranked, off, drop)
+    assert keep.dtype == torch.bool and keep.shape == tok.shape, where
+    if exact:
+        assert torch.equal(keep, ref_keep), f"{where}: {keep.tolist()} != {ref_keep.tolist()}"
+    atol, rtol = tolerance(x.dtype, "similarity")
+    offs = off.tolist()
+    for s in range(len(offs) - 1):
+        a, b = offs[s], offs[s + 1]
+        if torch.equal(keep[a:b], ref_keep[a:b]):
+            continue
+        dropped, seg = ~keep[a:b], scores[a:b]
+        assert int(dropped.sum()) == int((~ref_keep[a:b]).sum()), f"{where} segment {s}: drop count"
+        assert not seg.isnan().any(), f"{where} segment {s}: NaN ranks first, exactly"
+        worst, best = float(seg[dropped].min()), float(seg[~dropped].max())
+        assert worst >= best - (atol + rtol * abs(best)), (
+            f"{where} segment {s}: drops a token scored {worst} over one scored {best} (beyond a near tie)")
+    want = x.flatten(0, 1)[tok[keep]]
+    want = want.float() if rows_fp32 else want
+    assert rows.dtype == want.dtype and rows.shape == want.shape, where
+    assert torch.equal(rows.isnan(), want.isnan()), where
+    assert torch.equal(rows.nan_to_num(7.0), want.nan_to_num(7.0)), where
+    return int((keep != ref_keep).sum())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("layout", ["contiguous", "sliced"])
 @pytest.mark.parametrize("rows_fp32", [False, True])
 @pytest.mark.parametrize("D", [37, 2051])  # 2051: rows of 4 KiB+ (streaming stores, with a tail)
-def test_keep_gather_equals_scores_topk_and_gather(dtype, layout, rows_fp32, D, cpu_isa):
+def test_keep_gather_matches_reference(dtype, layout, rows_fp32, D, cpu_isa):
     g = torch.Generator().manual_seed(2)
     B, L = 3, 40
     base = torch.randn(B, L, 2 * D, generator=g).to(dtype)
@@ -232,27 +265,37 @@ def test_keep_gather_equals_scores_topk_and_gather(dtype, layout, rows_fp32, D, 
     drop = torch.tensor([3, 3, 0, 1, 5, 12, -1, 2])  # none (0, -1), one whole segment, one all-but-one
     drop = torch.minimum(drop, sizes)  # (a negative count drops nothing, as in segmented_topk_mask)
     keep, rows = torch.ops.omnisift.video_keep_gather_cpu(x, tok, off, pair, drop, rows_fp32=rows_fp32)
-    keep_e, rows_e = _keep_gather_expected(x, tok, off, pair, drop, rows_fp32)
-    assert torch.equal(keep, keep_e)
     assert rows.dtype == (torch.float32 if rows_fp32 else dtype)
-    assert torch.equal(rows, rows_e)
+    _check_keep_gather(keep, rows, x, tok, off, pair, drop, rows_fp32)
 
 
-def test_keep_gather_ties_and_nan_follow_segmented_topk():
-    """Exact ties drop the earlier token first; NaN ranks highest (as segmented_topk_mask)."""
+def test_keep_gather_exact_ties_drop_the_earlier_token():
+    """Exact ties (identical tokens score identically everywhere): the earlier token is dropped first."""
     x = torch.zeros(1, 10, 4)
     x[0, :, 0] = 1.0
-    x[0, 3, 1] = x[0, 7, 1] = 0.5       # two identical tokens, both below the rest
-    x[0, 5] = float("nan")
+    x[0, 3, 1] = x[0, 7, 1] = 0.5       # two identical tokens, both below the rest (also all identical)
     tok = torch.arange(10)
     off = torch.tensor([0, 10])
     pair = torch.full_like(tok, -1)
     for k in range(0, 11):
         drop = torch.tensor([k])
         keep, rows = torch.ops.omnisift.video_keep_gather_cpu(x, tok, off, pair, drop)
-        keep_e, rows_e = _keep_gather_expected(x, tok, off, pair, drop, False)
-        assert torch.equal(keep, keep_e), k
-        assert torch.equal(rows.nan_to_num(7.0), rows_e.nan_to_num(7.0)), k
+        _check_keep_gather(keep, rows, x, tok, off, pair, drop, exact=True, where=f"k={k}")
+
+
+def test_keep_gather_nan_ranks_highest():
+    """A NaN row: its segment's mean is NaN (every saliency score NaN: dropped in position order), and
+    the token paired with it scores NaN, dropped before every finite score of its segment."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(1, 20, 4, generator=g)
+    x[0, 5] = float("nan")
+    tok = torch.arange(20)
+    off = torch.tensor([0, 10, 20])
+    pair = torch.cat([torch.full((10,), -1), tok[:10]])  # token 15 is paired with the NaN token 5
+    for k in range(0, 11):
+        drop = torch.tensor([k, k])
+        keep, rows = torch.ops.omnisift.video_keep_gather_cpu(x, tok, off, pair, drop)
+        _check_keep_gather(keep, rows, x, tok, off, pair, drop, exact=True, where=f"k={k}")
 
 
 def test_keep_gather_checks_finiteness_and_arguments():
@@ -278,7 +321,8 @@ def test_keep_gather_checks_finiteness_and_arguments():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_few_units_split_over_threads(threads, dtype, cpu_isa):
     """One or two units (a short clip, one big segment): positions split over the threads, with the
-    mean from per-thread partial sums; equal to the torch path and to the one-thread result."""
+    mean from per-thread partial sums; the scores within the tolerance of the reference, the drop set
+    the reference's (near ties aside) and the rows plain indexing."""
     g = torch.Generator().manual_seed(4)
     x = torch.randn(1, 300, 40, generator=g).to(dtype)
     tok = torch.arange(300)
@@ -292,11 +336,10 @@ def test_few_units_split_over_threads(threads, dtype, cpu_isa):
         for name, (off, pair) in cases.items():
             torch.set_num_threads(threads)
             got = torch.ops.omnisift.video_scores_cpu(x, tok, off, pair)
-            assert_close_scores(got, video_ops.video_scores_torch(x, tok, off, pair), dtype, msg=name)
+            assert_close_scores(got, reference_video_scores(x, tok, off, pair), dtype, msg=name)
             drop = (off[1:] - off[:-1]) // 3
             keep, rows = torch.ops.omnisift.video_keep_gather_cpu(x, tok, off, pair, drop)
-            keep_e, rows_e = _keep_gather_expected(x, tok, off, pair, drop, False)
-            assert torch.equal(keep, keep_e) and torch.equal(rows, rows_e), name
+            _check_keep_gather(keep, rows, x, tok, off, pair, drop, where=name)
     finally:
         torch.set_num_threads(old)
 
