@@ -26,6 +26,7 @@ import torch
 
 from omnisift_kernels import _ext
 from omnisift_kernels.ops import varlen_compact
+from omnisift_kernels.request import CompressRequest
 
 from . import stages as S
 from .release_loop import release_loop_compress
@@ -106,8 +107,8 @@ def _compiled_reference():
 
 def _compile_e2e(case):
     fn = _compiled_reference()
-    kw = dict(case.kwargs())
-    return lambda: fn(**kw).keep_mask
+    request = CompressRequest(**case.kwargs())
+    return lambda: fn(request).keep_mask
 
 
 def _check_compile(device: torch.device) -> str | None:

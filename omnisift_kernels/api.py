@@ -9,6 +9,7 @@ import torch
 from . import _validation as V
 from .plan import check_grid
 from .reference import reference_compress
+from .request import CompressRequest
 from .result import CompressionResult
 from .selector import VisionGuidedAudioSelector
 
@@ -101,26 +102,20 @@ def compress(
     backend = resolve_backend(op, backend, inputs_embeds.device)
     if validate is None:
         validate = backend == "reference" or grid is None
+    if backend == "reference" and grid is not None:
+        grid = check_grid(op, grid, inputs_embeds.shape[0])
+    request = CompressRequest(
+        inputs_embeds, input_ids, position_ids, video_token_id=video_token_id, audio_token_id=audio_token_id,
+        rho_video=rho_video, rho_audio=rho_audio, selector=selector, attention_mask=attention_mask,
+        labels=labels, output=output, grid=grid, validate=validate,
+    )
     if backend == "reference":
-        if grid is not None:
-            grid = check_grid(op, grid, inputs_embeds.shape[0])
         if validate:
             V.check_finite(op, inputs_embeds)
-        return reference_compress(
-            inputs_embeds, input_ids, position_ids,
-            video_token_id=video_token_id, audio_token_id=audio_token_id,
-            rho_video=rho_video, rho_audio=rho_audio, selector=selector,
-            attention_mask=attention_mask, labels=labels, output=output, grid=grid,
-        )
+        return reference_compress(request)
     from .pipeline import fast_compress
 
-    return fast_compress(
-        inputs_embeds, input_ids, position_ids,
-        video_token_id=video_token_id, audio_token_id=audio_token_id,
-        rho_video=rho_video, rho_audio=rho_audio, selector=selector,
-        attention_mask=attention_mask, labels=labels, output=output,
-        backend=backend, grid=grid, validate=validate,
-    )
+    return fast_compress(request, backend)
 
 
 def resolve_backend(op: str, backend: str, device: torch.device) -> str:

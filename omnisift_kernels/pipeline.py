@@ -35,6 +35,7 @@ from .ops.chunk_attention import chunk_attention
 from ._ext import cpu_block_cache, ext_has_kernel
 from ._validation import all_finite, check_finite, layout_error, layout_violations, non_finite_error
 from .plan import DevicePlan, PlanSizes, build_plan, check_grid, grid_mismatch_error, read_sizes, sizes_from_grid
+from .request import CompressRequest
 from .result import CompressionResult
 from .selector import VisionGuidedAudioSelector
 from .triton_kernels import TRITON_AVAILABLE, triton_on_cpu
@@ -352,30 +353,19 @@ def _assert_grid(op: str, plan: DevicePlan, violations: torch.Tensor, grid_sizes
         torch._assert_async(ok, msg)
 
 
-def fast_compress(
-    inputs_embeds: torch.Tensor,
-    input_ids: torch.Tensor,
-    position_ids: torch.Tensor,
-    *,
-    video_token_id: int,
-    audio_token_id: int,
-    rho_video: float,
-    rho_audio: float,
-    selector: VisionGuidedAudioSelector | None,
-    attention_mask: torch.Tensor | None,
-    labels: torch.Tensor | None,
-    output: str,
-    backend: str,
-    grid=None,
-    validate: bool = False,
-) -> CompressionResult:
-    """The batched fast path behind :func:`omnisift_kernels.compress` (inputs already validated).
+def fast_compress(request: CompressRequest, backend: str) -> CompressionResult:
+    """The batched fast path behind :func:`omnisift_kernels.compress` (``request`` validated).
 
     ``backend`` is ``"cpu"`` (vectorized CPU kernels; CPU tensors) or ``"triton"`` (Triton kernels:
     CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``). With ``grid`` (per-row layout
     items of :mod:`omnisift_kernels.layout`) the call never reads the device; without it, one read
     fetches every size (and, with ``validate``, whether the embeddings are finite).
     """
+    inputs_embeds, input_ids, position_ids = request.inputs_embeds, request.input_ids, request.position_ids
+    video_token_id, audio_token_id = request.video_token_id, request.audio_token_id
+    rho_video, rho_audio, selector = request.rho_video, request.rho_audio, request.selector
+    attention_mask, labels, output, grid = request.attention_mask, request.labels, request.output, request.grid
+    validate = request.validate
     if backend == "cpu" and inputs_embeds.device.type != "cpu":
         raise RuntimeError(
             f"omnisift_kernels.compress: backend='cpu' needs CPU tensors, got {inputs_embeds.device}; "

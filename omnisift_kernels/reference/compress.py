@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..request import CompressRequest
 from ..result import CompressionResult
 from ..selector import VisionGuidedAudioSelector
 from ..ste import straight_through_keep
@@ -96,42 +97,23 @@ def _left_pad(rows: list[torch.Tensor], width: int, fill) -> torch.Tensor:
     return torch.stack(out)
 
 
-def reference_compress(
-    inputs_embeds: torch.Tensor,
-    input_ids: torch.Tensor,
-    position_ids: torch.Tensor,
-    *,
-    video_token_id: int,
-    audio_token_id: int,
-    rho_video: float,
-    rho_audio: float,
-    selector: VisionGuidedAudioSelector | None = None,
-    attention_mask: torch.Tensor | None = None,
-    labels: torch.Tensor | None = None,
-    output: str = "packed",
-    grid=None,
-) -> CompressionResult:
-    """OmniSIFT on a batch, one row and one chunk at a time. Inputs are assumed validated.
+def reference_compress(request: CompressRequest) -> CompressionResult:
+    """OmniSIFT on a batch, one row and one chunk at a time.
 
     Args:
-        inputs_embeds: ``[B, L, D]`` merged embeddings (fp32/bf16/fp16).
-        input_ids: int ``[B, L]``.
-        position_ids: int ``[3, B, L]`` TMRoPE ids (row 0: time ids).
-        video_token_id: id of video placeholder tokens.
-        audio_token_id: id of audio placeholder tokens.
-        rho_video: fraction of video tokens removed per frame, ``0 <= rho < 1``.
-        rho_audio: fraction of audio tokens removed per scored chunk, ``0 <= rho < 1``.
-        selector: the audio selector; None keeps all audio.
-        attention_mask: ``[B, L]`` (0 at padding) or None.
-        labels: int ``[B, L]`` or None.
-        output: ``"packed"``, ``"right"`` or ``"left"``.
-        grid: optional per-row layout items (structure already checked): the batch's sizes counted
-            here, chunk by chunk, must equal those the fast path derives from it
-            (``omnisift_kernels.plan.sizes_from_grid``), else a ValueError.
+        request: the validated call (:class:`omnisift_kernels.request.CompressRequest`). Its
+            ``grid``, if any (structure already checked), is compared with the sizes counted here,
+            chunk by chunk: they must equal those the fast path derives from it
+            (``omnisift_kernels.plan.sizes_from_grid``), else a ValueError. ``validate`` is the
+            caller's business (:func:`omnisift_kernels.compress` checks before calling).
 
     Returns:
         A :class:`CompressionResult`.
     """
+    inputs_embeds, input_ids, position_ids = request.inputs_embeds, request.input_ids, request.position_ids
+    video_token_id, audio_token_id = request.video_token_id, request.audio_token_id
+    rho_video, rho_audio, selector = request.rho_video, request.rho_audio, request.selector
+    attention_mask, labels, output, grid = request.attention_mask, request.labels, request.output, request.grid
     B, L, D = inputs_embeds.shape
     device = inputs_embeds.device
     valid = torch.ones(B, L, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
