@@ -19,13 +19,13 @@ from omnisift_kernels.sync_guard import forbid_host_sync
 from omnisift_kernels.synthetic import clip_row, make_batch
 from omnisift_kernels.testing import near_tie_differences
 
+from test_pipeline import assert_same_result
+
 pytestmark = pytest.mark.gpu
 
 D = 64
 torch.manual_seed(0)
 SELECTOR = VisionGuidedAudioSelector(D, num_heads=4, hidden_dim=16).eval()
-EXACT_FIELDS = ("keep_mask", "inputs_embeds", "position_ids", "attention_mask", "labels", "indices",
-                "cu_seqlens", "rope_deltas", "video_kept", "video_total", "audio_kept", "audio_total")
 LAYOUT = [clip_row(4, 3, 4), [Text(2), Video(3, 2, 2), Video(2, 3, 3), Text(1)], [Text(3), Audio(30)]]
 
 
@@ -33,21 +33,6 @@ def _selector(device, dtype=torch.float32):
     sel = VisionGuidedAudioSelector(D, num_heads=4, hidden_dim=16).eval()
     sel.load_state_dict(SELECTOR.state_dict())
     return sel.to(device=device, dtype=dtype)
-
-
-def _assert_same(ref, fast):
-    """Every field exact (on the CPU), the selector scores within fp32 noise."""
-    for name in EXACT_FIELDS:
-        a, b = getattr(ref, name), getattr(fast, name)
-        if a is None or b is None:
-            assert a is None and b is None, name
-            continue
-        a, b = a.cpu(), b.cpu()
-        assert a.dtype == b.dtype, (name, a.dtype, b.dtype)
-        assert torch.equal(a, b), f"{name} differs"
-    assert ref.max_seqlen == fast.max_seqlen
-    if ref.audio_scores is not None:
-        torch.testing.assert_close(fast.audio_scores.cpu(), ref.audio_scores.cpu(), rtol=1e-4, atol=1e-5)
 
 
 def _run(batch, device, sel_dtype, rho, output, grid):
@@ -70,8 +55,8 @@ def test_triton_matches_reference_and_cpu_fp32(cuda_device, preset, output, grid
     batch = make_batch(LAYOUT, D, seed=8)
     p = PRESETS[preset]
     ref, cpu, gpu = _run(batch, cuda_device, torch.float32, (p.rho_video, p.rho_audio), output, grid)
-    _assert_same(ref, gpu)
-    _assert_same(cpu, gpu)
+    assert_same_result(ref, gpu)
+    assert_same_result(cpu, gpu)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -126,7 +111,7 @@ def test_random_layouts_match_reference(layout, rho, output, grid, with_selector
         ref = compress(**cpu_kw, **common, selector=SELECTOR if with_selector else None, backend="reference")
         gpu = compress(**dev_kw, **common, selector=_selector(device) if with_selector else None,
                        backend="triton", grid=batch.rows if grid else None)
-    _assert_same(ref, gpu)
+    assert_same_result(ref, gpu)
 
 
 def _module_and_args(device, seed=4, backend="triton"):
@@ -154,7 +139,7 @@ def test_grid_path_under_sync_debug_error(cuda_device, output):
             torch.cuda.set_sync_debug_mode(prev)
         ref = compress(**batch.compress_kwargs(), rho_video=module.rho_video, rho_audio=module.rho_audio,
                        selector=SELECTOR, output=output, backend="reference")
-    _assert_same(ref, out)
+    assert_same_result(ref, out)
 
 
 def test_cuda_graph_capture_and_replay(cuda_device):
@@ -176,7 +161,7 @@ def test_cuda_graph_capture_and_replay(cuda_device):
         torch.cuda.synchronize()
         ref = compress(**batch2.compress_kwargs(), rho_video=module.rho_video, rho_audio=module.rho_audio,
                        selector=SELECTOR, backend="reference")
-    _assert_same(ref, captured)
+    assert_same_result(ref, captured)
 
 
 def test_compile_fullgraph_on_cuda(cuda_device):
@@ -187,5 +172,5 @@ def test_compile_fullgraph_on_cuda(cuda_device):
         compiled = torch.compile(module, fullgraph=True)(*args, **kw)
         ref = compress(**batch.compress_kwargs(), rho_video=module.rho_video, rho_audio=module.rho_audio,
                        selector=SELECTOR, backend="reference")
-    _assert_same(ref, compiled)
-    _assert_same(eager, compiled)
+    assert_same_result(ref, compiled)
+    assert_same_result(eager, compiled)

@@ -36,17 +36,19 @@ EXACT_FIELDS = (
 
 
 def assert_same_result(ref, fast):
-    """Everything but the selector scores is exact; scores within fp32 noise."""
+    """Everything but the selector scores is exact (compared on the CPU, so ``fast`` may live on
+    another device); scores within fp32 noise."""
     for name in EXACT_FIELDS:
         a, b = getattr(ref, name), getattr(fast, name)
         if a is None or b is None:
             assert a is None and b is None, name
             continue
+        a, b = a.cpu(), b.cpu()
         assert a.dtype == b.dtype, (name, a.dtype, b.dtype)
         assert torch.equal(a, b), f"{name} differs"
     assert ref.max_seqlen == fast.max_seqlen
     if ref.audio_scores is not None:
-        torch.testing.assert_close(fast.audio_scores, ref.audio_scores, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(fast.audio_scores.cpu(), ref.audio_scores.cpu(), rtol=1e-4, atol=1e-5)
 
 
 def run_both(batch, selector, rho_video, rho_audio, output="packed", grid=False, backend="cpu"):
