@@ -1,31 +1,28 @@
 // Large CPU outputs of the extension's kernels: reused blocks, and transparent huge pages for new ones.
 //
-// On the project's 2-core VMs a 4 KiB page fault costs 1.5-4 us, so writing a freshly mapped output
-// costs more than the copy that fills it: the gather of the 34 MB packed output of omni7b-20s took
-// 20-26 ms with 4 KiB pages against 5-7.4 ms with 2 MiB pages. Fresh mappings are the rule, not the
+// Writing a freshly mapped output costs more than the copy that fills it: every 4 KiB page faults on
+// its first write, and a fault costs more than copying the page. Fresh mappings are the rule, not the
 // exception: glibc serves blocks of 32 MiB or more (its largest mmap threshold) with a new mmap every
 // call, and smaller ones come back from its heap already mapped only while nothing else trimmed the
-// heap; after a call of the release-style loop (or of a model) the fast path's two outputs of
-// omni7b-20s bf16 (14 and 17 MB) faulted about 7,500 pages per call, 8-12 ms of a 45 ms call.
+// heap (running a model between two calls can trim it), so without a cache every call would fault its
+// large outputs in anew.
 //
 // So blocks of 256 KiB or more come from a cache of freed blocks, as CUDA's caching allocator does on
 // the GPU: a block is reused for a request of at least half its size, so a steady stream of calls
-// faults nothing. (The floor was 1 MiB until the selector's 1,024,000-byte intermediates at
-// omni7b-20s, just under it, were seen faulting about 180 pages per call each: ~475 faults per call in
-// all, a third of them in layer norms' outputs.) Two users: the kernels' outputs (empty_cpu_output,
+// faults nothing. The 256 KiB floor sits below the selector's intermediates (1,024,000 bytes each at
+// omni7b-20s), so that they are reused too. Two users: the kernels' outputs (empty_cpu_output,
 // always), and torch's CPU allocator while a cpu_allocator_scope is open (the Python fast path opens
 // one around each CPU call, so that its GEMM outputs and other intermediates reuse blocks too; smaller
 // blocks are then plain posix_memalign).
 // A freed block is kept while the cache holds at most OMNISIFT_CPU_OUTPUT_CACHE_MB (default: 1/16 of
 // the physical memory, at least 256 MiB and at most 4 GiB; the oldest blocks are freed to make room;
 // 0 turns the cache off; read once, see cpu_settings.h); release_cpu_output_cache() frees every
-// cached block. (The default was a
-// flat 256 MiB until a 300-second clip, whose survivors and packed output are ~0.4-0.5 GB each, was
-// seen freeing both and mapping them anew every call: on the Zen 5 VM a third of its calls then spent
-// 0.7-1.0 s in the kernel faulting them back in, 930-1,260 ms against 500-560 ms; with 1.47 GB, 1/16
-// of that VM, none does.) A new block of 32 MiB or more gets 2 MiB pages (posix_memalign 2 MiB +
-// MADV_HUGEPAGE; OMNISIFT_CPU_HUGEPAGES=0 turns that off; smaller blocks with 2 MiB pages measured slower, so they
-// are plain). A block's bytes are not cleared for reuse (allocators never clear).
+// cached block. The default grows with the memory because a long clip's blocks are large (a
+// 300-second clip's survivors and packed output are ~0.4-0.5 GB each): a cache too small for both
+// frees them after every call and faults them in again on the next. A new block of 32 MiB or more
+// gets 2 MiB pages (posix_memalign 2 MiB + MADV_HUGEPAGE; OMNISIFT_CPU_HUGEPAGES=0 turns that off);
+// smaller blocks keep 4 KiB pages, with which they are faster in the project's benchmarks. A block's
+// bytes are not cleared for reuse (allocators never clear).
 //
 // Every block's DataPtr has context == data and the one deleter release_block (a side table holds the
 // capacities), so torch treats them as plain allocations (raw_deleter, copy-on-write clones).
@@ -256,12 +253,10 @@ inline int64_t cpu_output_cache_bytes() {
 // Copies one output row with non-temporal stores (SSE2, every x86-64 CPU has them) when the
 // destination is 16-byte aligned and the row is long: a large output is written once and not read
 // back soon, and streaming stores skip reading each destination line first (a third of the traffic of
-// a cached copy). Elsewhere memcpy. Call stream_fence() before the output is handed over. On the Zen 4
-// VM: the 33 MB gather of omni7b-20s 1.9-2.4 vs 2.6-3.1 ms; the fast path end to end (fp32, a
-// release-loop call before each) 77.8-81.5 vs 79.6-85.1 ms (alternating, 16 rounds each); bf16 equal.
+// a cached copy). Elsewhere memcpy. Call stream_fence() before the output is handed over.
 // next_src (optional): the source row copied next, prefetched into L2 line by line alongside (the
 // gathered rows are scattered, and each is too short a stream for the hardware prefetcher to ramp
-// up): the same gather 1.4-1.7 vs 2.0-2.3 ms (4 alternating pairs of builds).
+// up).
 inline void copy_row_streaming(char* dst, const char* src, size_t bytes, const char* next_src = nullptr) {
 #if defined(__x86_64__) || defined(_M_X64)
   if (bytes >= 4096 && (reinterpret_cast<uintptr_t>(dst) & 15) == 0) {

@@ -3,7 +3,7 @@
 // csrc/cpu_simd_impl.h holds the loops as templates over a vector policy; cpu_simd_base.cpp,
 // cpu_simd_avx2.cpp and cpu_simd_avx512.cpp instantiate them with the portable policy, AVX2+FMA and
 // AVX-512 (each TU is compiled with its own -m flags, so nothing outside it may use those
-// instructions). video_scores_cpu.cpp picks one table at run time from the CPU's features.
+// instructions). cpu_loops() (cpu_dispatch.cpp) picks one table at run time from the CPU's features.
 #pragma once
 
 #include <cstdint>
@@ -47,7 +47,7 @@ struct VideoScoresScratch {
   double* acc;
 };
 
-// One call of the selector's chunk attention (see csrc/selector_cpu.cpp for the op's contract): for
+// One call of the selector's chunk attention (see chunk_attention_cpu.cpp for the op's contract): for
 // chunk c and head h, query i attends to every key j of the same chunk that is not padding:
 //   out[c, i, h] = sum_j softmax_j(scale * <q[c, i, h], k[c, j, h]>) v[c, j, h]
 // where x[c, i, h] is the head_dim-wide slice starting at element h * head_dim of row i of chunk c.
@@ -96,9 +96,4 @@ const Loops* loops_avx2();
 const Loops* loops_avx512();
 
 }  // namespace simd
-
-// The loops this process uses: the best instruction set the CPU has, capped by OMNISIFT_CPU_ISA /
-// OMNISIFT_CPU_BASELINE (defined in video_scores_cpu.cpp; raises on a bad value there).
-const simd::Loops& cpu_loops();
-
 }  // namespace omnisift

@@ -76,14 +76,13 @@ inline float to_f32(const typename ElemType<E>::type v) {
 // Row primitives. a, b: rows of element type E (contiguous); S, m: fp64 rows. Elements are widened to
 // fp64 and every sum (the segment's sum, dots, squared norms) is accumulated in fp64 lanes, then the
 // lanes are added: the cosines come out within an ulp or so of the exact value, so near ties are
-// ranked as the exact scores rank them (an fp32 running sum over a frame's ~300 rows was off by
-// several ulps, enough to swap two tokens 4e-8 apart that the fp32 reference ranked correctly).
+// ranked as the exact scores rank them (an fp32 running sum over a frame's ~300 rows can be off by
+// several ulps, enough to swap two tokens 4e-8 apart that the fp32 reference ranks correctly).
 // The loops stay memory-bound: widening costs compute the memory stream leaves idle.
 
 // Prefetch hint for the next rows: 2 = prefetcht1 (into L2). The next two rows (2 x 14 KB at D=3584
-// fp32) do not fit beside the current two in a 32-48 KB L1; L2 holds them. On the Zen 4 VM the fused
-// video kernel of omni7b-20s took 5.9-6.3 ms with this hint against 6.9-7.6 ms with prefetcht0
-// (fp32, alternating builds); bf16 2.9-3.3 ms either way.
+// fp32) do not fit beside the current two in a 32-48 KB L1; L2 holds them. Prefetching into L1
+// (prefetcht0) would evict the current rows: slower for fp32, no faster for bf16.
 constexpr int PrefetchLocality = 2;
 
 // S += a (AddS), and the sums <a, b>, |a|^2, |b|^2 (HasB) or |a|^2 (no b) into r[0..2].
@@ -210,8 +209,8 @@ inline bool all_finite_impl(const void* x, Elem elem, int64_t n) {
 // ------------------------------------------------------------------------------------------------
 // The unit schedule: pass 1 reads the unit's rows from memory (A's sum and norms, a fused B's temporal
 // dots, both frames side by side), pass 2 reads A again for the dots with the mean, mostly from the
-// L2/L3 cache. (Column blocks of D sized for L2, reading every byte from memory exactly once, measured
-// slower: 4.7 vs 4.0 ms on omni7b-20s fp32, the short strided runs defeat the hardware prefetcher.)
+// L2/L3 cache. (Column blocks of D sized for L2, which would read every byte from memory exactly once,
+// are slower: their short strided runs defeat the hardware prefetcher.)
 // Strided rows (stride_d != 1) are converted into the fp32 scratch rows first. Without saliency tokens
 // (only pairs) a unit has no pass 1.
 

@@ -1,5 +1,5 @@
-// CPU kernels of the fused video scores (the op `omnisift::video_scores_cpu`) and of the finiteness
-// check (`omnisift::all_finite_cpu`).
+// CPU kernels of the fused video scores (the op `omnisift::video_scores_cpu`) and of the fused video
+// pruning built on them (`omnisift::video_keep_gather_cpu`, below).
 //
 //   video_scores_cpu(x [B, L, D], token_index int64 [N], seg_offsets int64 [S+1], pair_index int64 [N])
 //       -> fp32 [N]
@@ -19,8 +19,7 @@
 // first frame again, mostly from cache, for the dots with its mean. With many units, whole units run
 // per thread; with few (a short clip, one big segment), each unit's positions are split over the
 // threads. The inner loops live in csrc/cpu_simd_*.cpp, built for the portable baseline, AVX2 and
-// AVX-512; the best one the CPU runs is picked per call (OMNISIFT_CPU_ISA=base|avx2|avx512 caps it, for
-// tests; OMNISIFT_CPU_BASELINE=1 is the same as base).
+// AVX-512; cpu_loops() (cpu_dispatch.cpp) picks one per call.
 #include "cpu_alloc.h"
 
 #include <ATen/Dispatch.h>
@@ -28,57 +27,18 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/isfinite.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
-#include <cstdlib>
-#include <cstring>
+#include <cstdint>
 #include <tuple>
 #include <type_traits>
-#include <optional>
-#include <string>
 #include <vector>
 
-#include "cpu_settings.h"
-#include "cpu_simd.h"
+#include "cpu_dispatch.h"
 
 namespace omnisift {
-
-// The inner loops for this call: the best instruction set the CPU has, capped by OMNISIFT_CPU_ISA
-// (read once, see cpu_settings.h).
-const simd::Loops& cpu_loops() {
-  std::string bad;
-  const int cap = cpu_isa_cap(&bad);  // 0 base, 1 avx2, 2 avx512
-  TORCH_CHECK_VALUE(cap >= 0, "omnisift: OMNISIFT_CPU_ISA must be base, avx2 or avx512, got '", bad, "'");
-#if defined(__x86_64__) && defined(__GNUC__)
-  static const bool has_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                                 __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma") &&
-                                 __builtin_cpu_supports("f16c");
-  static const bool has_avx2 =
-      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  if (cap >= 2 && has_avx512 && simd::loops_avx512()) return *simd::loops_avx512();
-  if (cap >= 1 && has_avx2 && simd::loops_avx2()) return *simd::loops_avx2();
-#endif
-  return *simd::loops_base();
-}
-
-// The inner loops' element type of a dtype (fp32, bf16, fp16; a TypeError for any other). Also used
-// by selector_cpu.cpp.
-simd::Elem elem_of(c10::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return simd::Elem::F32;
-    case at::kBFloat16:
-      return simd::Elem::BF16;
-    case at::kHalf:
-      return simd::Elem::F16;
-    default:
-      TORCH_CHECK_TYPE(false, "omnisift: no CPU inner loop for dtype ", t);
-  }
-}
 
 namespace {
 
@@ -259,9 +219,10 @@ at::Tensor video_scores_cpu(const at::Tensor& x, const at::Tensor& token_index, 
 //                         bool rows_fp32, bool check_finite) -> (keep bool [N], rows [N - sum(drop), D])
 //
 // keep[p] is False for the drop[s] highest-scoring tokens of each segment s (ties: the earlier position
-// first; NaN ranks highest), exactly as segmented_topk_mask; rows are x's rows of the kept tokens in
-// token_index order, in x's dtype or fp32 (rows_fp32). Each unit selects and copies its survivors
-// right after scoring them, on the same thread, so the rows come from cache instead of memory.
+// first; NaN ranks highest), exactly as segmented_topk_mask (both rank with first_k_ranked, see
+// cpu_dispatch.h); rows are x's rows of the kept tokens in token_index order, in x's dtype or fp32
+// (rows_fp32). Each unit selects and copies its survivors right after scoring them, on the same
+// thread, so the rows come from cache instead of memory.
 
 struct KeepGatherCtx {
   const float* scores;
@@ -288,23 +249,6 @@ void copy_row(const In* src, int64_t sd, Out* dst, int64_t D) {
     }
   }
   for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<Out>(static_cast<float>(src[d * sd]));
-}
-
-// order[0:k) = the positions of the k first of sc[0:n) ranked by score descending, NaN first, ties by
-// position (0 < k <= n; nothing for k <= 0), in no particular order among themselves.
-void first_k_ranked(const float* sc, int64_t n, int64_t k, std::vector<int64_t>& order) {
-  if (k <= 0) return;
-  order.resize(static_cast<size_t>(n));
-  for (int64_t i = 0; i < n; ++i) order[i] = i;
-  auto higher = [sc](int64_t i, int64_t j) {  // ranks i before j
-    const float u = sc[i], v = sc[j];
-    const bool un = std::isnan(u), vn = std::isnan(v);
-    if (un != vn) return un;
-    if (!un && u != v) return u > v;
-    return i < j;
-  };
-  // nth_element puts the k-th ranked at k-1 and every better-ranked position before it.
-  if (k < n) std::nth_element(order.begin(), order.begin() + (k - 1), order.end(), higher);
 }
 
 void keep_gather_after_unit(void* ctx_ptr, int64_t first_segment, int64_t num_segments) {
@@ -379,132 +323,18 @@ std::tuple<at::Tensor, at::Tensor> video_keep_gather_cpu(const at::Tensor& x, co
   return {keep, rows};
 }
 
-// True (a bool scalar tensor) when x holds no NaN and no +-Inf. One read of x at memory speed (the
-// exponent bits of every element), in parallel blocks. With skip_rows (bool [B, L] for x [B, L, D]),
-// the rows where it is True are not read (the video rows, which video_scores_cpu checks itself).
-at::Tensor all_finite_cpu(const at::Tensor& x, const std::optional<at::Tensor>& skip_rows) {
-  at::Tensor out = at::empty({}, x.options().dtype(at::kBool));
-  const at::ScalarType t = x.scalar_type();
-  if (!at::isFloatingType(t) && !at::isComplexType(t)) {  // integers and bool are always finite
-    out.fill_(true);
-    return out;
-  }
-  if (t != at::kFloat && t != at::kBFloat16 && t != at::kHalf && t != at::kDouble) {
-    return at::isfinite(x).all();  // float8 and other rare dtypes: no inner loop here
-  }
-  std::atomic<bool> finite{true};
-  if (skip_rows.has_value()) {
-    TORCH_CHECK_VALUE(x.dim() == 3, "all_finite_cpu: skip_rows needs x [B, L, D], got ", x.sizes());
-    const at::Tensor skip = skip_rows->contiguous();
-    TORCH_CHECK_VALUE(skip.scalar_type() == at::kBool && skip.numel() == x.size(0) * x.size(1),
-                      "all_finite_cpu: skip_rows must be bool with B*L = ", x.size(0) * x.size(1),
-                      " elements, got ", skip.scalar_type(), " ", skip.sizes());
-    TORCH_CHECK_TYPE(t != at::kDouble, "all_finite_cpu: skip_rows is not supported for float64");
-    const bool* sk = skip.const_data_ptr<bool>();
-    const int64_t L = x.size(1), D = x.size(2), sb = x.stride(0), sl = x.stride(1), sd = x.stride(2);
-    const int64_t bytes = static_cast<int64_t>(x.element_size());
-    const char* base = static_cast<const char*>(x.const_data_ptr());
-    const simd::Elem elem = elem_of(t);
-    const simd::Loops& loops = cpu_loops();
-    at::parallel_for(0, x.size(0) * L, 16, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1 && finite.load(std::memory_order_relaxed); ++r) {
-        if (sk[r]) continue;
-        const int64_t b = r / L;
-        const char* row = base + (b * sb + (r - b * L) * sl) * bytes;
-        const bool ok = sd == 1 ? loops.all_finite(row, elem, D) : loops.all_finite_strided(row, elem, D, sd);
-        if (!ok) finite = false;
-      }
-    });
-    out.fill_(finite.load());
-    return out;
-  }
-  const at::Tensor xc = x.contiguous();
-  const int64_t n = xc.numel();
-  if (t == at::kDouble) {
-    const uint64_t* w = static_cast<const uint64_t*>(xc.const_data_ptr());
-    at::parallel_for(0, n, 1 << 16, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        if ((w[i] & 0x7ff0000000000000ull) == 0x7ff0000000000000ull) {
-          finite = false;
-          return;
-        }
-      }
-    });
-  } else {
-    const simd::Elem elem = elem_of(t);
-    const int64_t bytes = static_cast<int64_t>(xc.element_size());
-    const char* base = static_cast<const char*>(xc.const_data_ptr());
-    const simd::Loops& loops = cpu_loops();
-    at::parallel_for(0, n, 1 << 16, [&](int64_t i0, int64_t i1) {
-      if (finite.load(std::memory_order_relaxed) && !loops.all_finite(base + i0 * bytes, elem, i1 - i0)) {
-        finite = false;
-      }
-    });
-  }
-  out.fill_(finite.load());
-  return out;
-}
-
-// The instruction set of the CPU inner loops this process uses ("base", "avx2" or "avx512").
-std::string cpu_kernels_isa() { return cpu_loops().isa; }
-
-// How many threads an at::parallel_for of this module runs on, for a range of n items (a build
-// check: without the compiler's OpenMP flag the region would silently run on one thread).
-int64_t cpu_parallel_threads(int64_t n) {
-  std::atomic<int64_t> ranges{0};
-  at::parallel_for(0, n, 1, [&](int64_t, int64_t) { ranges.fetch_add(1); });
-  return ranges.load();
-}
-
-// segmented_topk_mask_cpu(scores fp32 [N], seg_offsets int64 [S+1], k int64 [S]) -> bool [N]: per
-// segment, True for the k[s] first positions ranked by score descending (NaN first), ties by position
-// (k <= 0: none, k >= size: all); the CPU kernel of omnisift_kernels.ops.segmented_topk_mask.
-at::Tensor segmented_topk_mask_cpu(const at::Tensor& scores, const at::Tensor& seg_offsets, const at::Tensor& k) {
-  TORCH_CHECK_TYPE(scores.scalar_type() == at::kFloat && seg_offsets.scalar_type() == at::kLong &&
-                       k.scalar_type() == at::kLong,
-                   "segmented_topk_mask_cpu: expected float32 scores and int64 offsets and k");
-  const int64_t N = scores.numel(), S = seg_offsets.numel() - 1;
-  TORCH_CHECK_VALUE(scores.dim() == 1 && seg_offsets.dim() == 1 && S >= 0 && k.dim() == 1 && k.numel() == S,
-                    "segmented_topk_mask_cpu: scores must be [N], seg_offsets [S+1] and k [S]");
-  const at::Tensor sc = scores.contiguous(), off = seg_offsets.contiguous(), kk = k.contiguous();
-  const float* sp = sc.const_data_ptr<float>();
-  const int64_t* op = off.const_data_ptr<int64_t>();
-  const int64_t* kp = kk.const_data_ptr<int64_t>();
-  TORCH_CHECK_VALUE(S == 0 ? true : (op[0] == 0 && op[S] == N), "segmented_topk_mask_cpu: seg_offsets must run from 0 to N=", N);
-  for (int64_t s = 0; s < S; ++s) {
-    TORCH_CHECK_VALUE(op[s + 1] >= op[s], "segmented_topk_mask_cpu: seg_offsets must be non-decreasing");
-  }
-  at::Tensor out = at::zeros({N}, scores.options().dtype(at::kBool));
-  bool* mp = out.data_ptr<bool>();
-  at::parallel_for(0, S, 16, [&](int64_t s0, int64_t s1) {
-    std::vector<int64_t> order;
-    for (int64_t s = s0; s < s1; ++s) {
-      const int64_t a = op[s], n = op[s + 1] - a, take = std::clamp<int64_t>(kp[s], 0, n);
-      first_k_ranked(sp + a, n, take, order);
-      for (int64_t r = 0; r < take; ++r) mp[a + order[r]] = true;
-    }
-  });
-  return out;
-}
-
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(omnisift, m) {
   m.def("video_scores_cpu(Tensor x, Tensor token_index, Tensor seg_offsets, Tensor pair_index, "
         "bool check_finite=False) -> Tensor");
-  m.def("all_finite_cpu(Tensor x, Tensor? skip_rows=None) -> Tensor");
   m.def("video_keep_gather_cpu(Tensor x, Tensor token_index, Tensor seg_offsets, Tensor pair_index, Tensor drop, "
         "bool rows_fp32=False, bool check_finite=False) -> (Tensor, Tensor)");
-  m.def("segmented_topk_mask_cpu(Tensor scores, Tensor seg_offsets, Tensor k) -> Tensor");
-  m.def("cpu_kernels_isa() -> str", &cpu_kernels_isa);
-  m.def("cpu_parallel_threads(int n) -> int", &cpu_parallel_threads);
 }
 
 TORCH_LIBRARY_IMPL(omnisift, CPU, m) {
   m.impl("video_scores_cpu", &video_scores_cpu);
-  m.impl("all_finite_cpu", &all_finite_cpu);
   m.impl("video_keep_gather_cpu", &video_keep_gather_cpu);
-  m.impl("segmented_topk_mask_cpu", &segmented_topk_mask_cpu);
 }
 
 }  // namespace omnisift

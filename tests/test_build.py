@@ -102,8 +102,26 @@ def test_build_info_reports_extension():
         assert not info.extension_cuda_kernels
     assert "extension cpu" in info.summary()
     assert info.extension_cpu_isa in ("base", "avx2", "avx512")
-    for op in ("varlen_compact", "varlen_scatter", "varlen_gather", "video_scores_cpu", "all_finite_cpu"):
+    # One op per C++ file (csrc/<file>: its op): each file's CPU registration made it into the module.
+    for op in ("varlen_compact", "varlen_scatter", "varlen_gather",  # varlen.cpp
+               "video_scores_cpu", "video_keep_gather_cpu",  # video_scores_cpu.cpp
+               "all_finite_cpu",  # finite_cpu.cpp
+               "segmented_topk_mask_cpu",  # topk_cpu.cpp
+               "build_plan_cpu",  # plan_cpu.cpp
+               "index_plan_cpu",  # index_plan_cpu.cpp
+               "chunk_attention_cpu"):  # chunk_attention_cpu.cpp
         assert _ext.ext_has_kernel(op, "CPU"), op
+    assert torch.ops.omnisift.cpu_kernels_isa() == info.extension_cpu_isa  # cpu_dispatch.cpp
+
+
+def test_cmake_builds_every_cpp_source():
+    """CMakeLists.txt's OMNISIFT_SOURCES names every C++ file under csrc/ (a file left out would build
+    without error and its ops would silently be missing)."""
+    cmake = (ROOT / "CMakeLists.txt").read_text()
+    start = cmake.index("set(OMNISIFT_SOURCES")
+    listed = set(cmake[start:cmake.index(")", start)].split()[1:])
+    on_disk = {p.relative_to(ROOT).as_posix() for p in (ROOT / "csrc").rglob("*.cpp")}
+    assert on_disk == listed, (sorted(on_disk - listed), sorted(listed - on_disk))
 
 
 NO_EXT_SCRIPT = textwrap.dedent(

@@ -19,15 +19,12 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <optional>
 #include <vector>
 
-#include "cpu_simd.h"
+#include "cpu_dispatch.h"
 
 namespace omnisift {
-
-// The inner loops' element type of fp32/bf16/fp16 (defined in video_scores_cpu.cpp).
-simd::Elem elem_of(c10::ScalarType t);
-
 namespace {
 
 bool chunk_attention_cpu_available() { return cpu_loops().chunk_attention != nullptr; }
