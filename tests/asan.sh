@@ -36,6 +36,6 @@ start=$(date +%s)
 T=$ROOT/tests
 "$PY" -m pytest -q -p no:cacheprovider --benchmark-disable -m "not slow" --rootdir "$ROOT" \
   "$T/test_ops_video.py" "$T/test_ops_topk.py" "$T/test_ops_gather.py" "$T/test_varlen.py" \
-  "$T/test_video_scores_cpu.py" "$T/test_cpu_attention.py" "$T/test_cpu_gemm.py" "$T/test_pipeline.py" \
+  "$T/test_video_scores_cpu.py" "$T/test_chunk_attention.py" "$T/test_cpu_gemm.py" "$T/test_pipeline.py" "$T/test_plan.py" \
   "$T/test_golden.py" "$T/test_bad_inputs.py" "$T/test_block_cache_threads.py" "$@"
 echo "[asan] clean: no AddressSanitizer or UndefinedBehaviorSanitizer report ($(( $(date +%s) - start )) s of tests)"
