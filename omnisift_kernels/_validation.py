@@ -189,14 +189,6 @@ def time_id_order_error(op: str, row: int, col: int, value: int, prev_col: int, 
         f"after {prev_value} at column {prev_col}")
 
 
-def check_layout(op: str, input_ids: torch.Tensor, time_ids: torch.Tensor, valid: torch.Tensor,
-                 video_token_id: int, audio_token_id: int) -> None:
-    """Raises a ValueError on a layout violation (see :func:`layout_violations`); one host read."""
-    counts = layout_violations(input_ids, time_ids, valid, video_token_id, audio_token_id)
-    if bool(counts.any()):
-        raise layout_error(op, input_ids, time_ids, valid, video_token_id, audio_token_id, counts)
-
-
 def layout_error(op: str, input_ids: torch.Tensor, time_ids: torch.Tensor, valid: torch.Tensor,
                  video_token_id: int, audio_token_id: int, counts) -> ValueError:
     """The error of a batch whose :func:`layout_violations` are ``counts``: the first violation's, as
