@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+
+import numpy as np
 from typing import Union
 
 TOKENS_PER_SECOND = 25  # audio tokens per second = TMRoPE time ids per second
@@ -46,15 +48,31 @@ class Video:
         frame_w: LLM tokens per frame along the width (W / 28).
         audio_tokens: audio tokens of the clip's sound track (None: 25 per second; 0: no audio,
             i.e. a video without audio laid out without audio chunks).
+        second_per_grid: seconds per temporal grid (the processor's ``video_second_per_grid``; 1.0 at
+            the default 2 fps). Frame g's time id is ``int(g * second_per_grid * 25)`` after the start,
+            computed in float32 as transformers' ``get_rope_index`` does. Only the host-side sizes
+            (:func:`omnisift_kernels.plan.sizes_from_grid`) read it; the synthetic builder lays frames
+            out at 1.0.
     """
 
     seconds: int
     frame_h: int
     frame_w: int
     audio_tokens: int | None = None
+    second_per_grid: float = 1.0
 
     def __post_init__(self) -> None:
         _check_counts(self, "seconds", "frame_h", "frame_w", optional=("audio_tokens",))
+        spg = self.second_per_grid
+        if isinstance(spg, bool) or not isinstance(spg, numbers.Real) or not (0 < float(spg) < float("inf")):
+            raise ValueError(f"Video: second_per_grid must be a positive finite number, got "
+                             f"{type(spg).__name__} {spg!r}")
+
+    def frame_offsets(self) -> list[int]:
+        """Time id of every frame relative to the clip's first (``int(g * second_per_grid * 25)`` in
+        float32, as transformers computes TMRoPE time ids)."""
+        g = np.arange(self.seconds, dtype=np.float32)
+        return (g * np.float32(self.second_per_grid) * np.float32(TOKENS_PER_SECOND)).astype(np.int64).tolist()
 
     @property
     def tokens_per_frame(self) -> int:

@@ -308,11 +308,12 @@ def _host_row(items: list[Item]) -> _HostRow:
             continue
         st = pos + 1  # bos token(s) at pos, media from pos + 1
         if isinstance(it, Video):
-            frames += [(st + TOKENS_PER_SECOND * g, it.tokens_per_frame) for g in range(it.seconds)]
+            offsets = it.frame_offsets()
+            frames += [(st + t, it.tokens_per_frame) for t in offsets]
             if it.num_audio:
                 runs.append((st, it.num_audio))
             media_top = max(
-                st + TOKENS_PER_SECOND * (it.seconds - 1) if it.seconds else st - 1,
+                st + offsets[-1] if it.seconds else st - 1,
                 st + max(it.frame_h, it.frame_w) - 1 if it.seconds else st - 1,
                 st + it.num_audio - 1,
             )
@@ -360,6 +361,40 @@ def grid_mismatch_error(op: str, from_grid: PlanSizes, from_tensors: PlanSizes) 
                       + ", ".join(diffs))
 
 
+def _row_chunks(row: _HostRow, rho_video: float, rho_audio: float, score_audio: bool):
+    """Per chunk of a host row (spec §2-§4): ``(video tokens, video kept, audio tokens, audio kept)``."""
+    for c in range(0, len(row.frames), SECONDS_PER_CHUNK):
+        pair = row.frames[c : c + 2]
+        n1 = pair[0][1]
+        k = int(n1 * rho_video)
+        drops = [k] + [k if n == n1 else 0 for _, n in pair[1:]]
+        chunk_total = sum(n for _, n in pair)
+        chunk_video = chunk_total - sum(drops)
+        start = pair[0][0]
+        end = row.frames[c + 2][0] if c + 2 < len(row.frames) else row.end
+        n_a = sum(max(0, min(end, s + n) - max(start, s)) for s, n in row.audio_runs)
+        keep_a = n_a - int(n_a * rho_audio) if (score_audio and n_a >= 2 and chunk_video >= 1) else n_a
+        yield chunk_total, chunk_video, n_a, keep_a
+
+
+def chunk_keep_counts(
+    items: list[Item], *, rho_video: float, rho_audio: float, score_audio: bool = True
+) -> list[tuple[int, int]]:
+    """Per chunk of one row, in order: ``(video tokens kept, audio tokens kept)``.
+
+    The same per-chunk rule :func:`sizes_from_grid` sums (its kept row length is the row's length minus
+    what these counts drop), so a caller that lays out compressed placeholders from it (the vLLM
+    processor) cannot drift from the sizes. Audio outside every chunk's window is not listed.
+
+    Args:
+        items: the row's layout items (:mod:`omnisift_kernels.layout`).
+        rho_video, rho_audio: removal ratios.
+        score_audio: whether a selector runs.
+    """
+    row = _host_row(list(items))
+    return [(v, a) for _, v, _, a in _row_chunks(row, rho_video, rho_audio, score_audio)]
+
+
 def sizes_from_grid(
     grid: list[list[Item]], *, rho_video: float, rho_audio: float, score_audio: bool
 ) -> tuple[PlanSizes, list[int]]:
@@ -383,17 +418,8 @@ def sizes_from_grid(
         na += sum(n for _, n in row.audio_runs)
         nf += len(row.frames)
         dropped = 0
-        for c in range(0, len(row.frames), SECONDS_PER_CHUNK):
-            pair = row.frames[c : c + 2]
-            n1 = pair[0][1]
-            k = int(n1 * rho_video)
-            drops = [k] + [k if n == n1 else 0 for _, n in pair[1:]]
-            chunk_video = sum(n for _, n in pair) - sum(drops)
-            start = pair[0][0]
-            end = row.frames[c + 2][0] if c + 2 < len(row.frames) else row.end
-            n_a = sum(max(0, min(end, s + n) - max(start, s)) for s, n in row.audio_runs)
-            keep_a = n_a - int(n_a * rho_audio) if (score_audio and n_a >= 2 and chunk_video >= 1) else n_a
-            dropped += sum(drops) + n_a - keep_a
+        for chunk_total, chunk_video, n_a, keep_a in _row_chunks(row, rho_video, rho_audio, score_audio):
+            dropped += chunk_total - chunk_video + n_a - keep_a
             nc += 1
             vkept += chunk_video
             assigned += n_a

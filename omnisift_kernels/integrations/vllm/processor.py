@@ -1,0 +1,176 @@
+"""vLLM's Qwen2.5-Omni thinker processor, emitting OmniSIFT's compressed placeholder counts.
+
+vLLM fixes how many placeholder tokens a media item takes before its encoder runs. OmniSIFT's keep
+counts depend only on the layout, so they are known then: each video's span is laid out from
+:func:`omnisift_kernels.plan.chunk_keep_counts`, the same per-chunk rule as
+:func:`~omnisift_kernels.plan.sizes_from_grid` and the compressor (they cannot drift apart).
+
+A video with its sound track (``use_audio_in_video=True``) is compressed as one item, since the audio
+selector needs the chunk's surviving video: the video item carries its track's features
+(``omnisift_track_features``/``omnisift_track_lengths``) and its encoder output holds the whole
+span's kept tokens (video and audio, in prompt order); the paired audio item gets no embeddings
+(``omnisift_paired``). The hashes that key vLLM's encoder, processor and prefix caches fold in the
+pairing and the ratios (:meth:`OmniSIFTQwen2_5OmniProcessor._get_mm_hashes`), and such requests skip
+the processor cache (whose per-item reuse could process a video without its track).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from vllm.model_executor.models.qwen2_5_omni_thinker import (
+    Qwen2_5OmniThinkerMultiModalProcessor,
+    create_qwen2_5_omni_thinker_field_factory,
+)
+from vllm.multimodal.inputs import MultiModalFieldConfig
+from vllm.multimodal.processing.processor import PlaceholderFeaturesInfo, PromptUpdateDetails
+
+from ...layout import Video
+from ...plan import chunk_keep_counts
+from .config import ServingConfig, serving_config
+
+TRACK_FEATURES = "omnisift_track_features"
+TRACK_LENGTHS = "omnisift_track_lengths"
+PAIRED = "omnisift_paired"
+
+
+def audio_tokens_from_mel(mel_frames: int) -> int:
+    """Audio tokens of ``mel_frames`` mel frames (the Omni audio tower's two stride-2 stages)."""
+    return ((int(mel_frames) - 1) // 2 + 1 - 2) // 2 + 1
+
+
+def compressed_video_ids(thinker_config: Any, cfg: ServingConfig, grid_thw: list[int], second_per_grid: float,
+                         audio_tokens: int | None) -> list[int]:
+    """The compressed span of one video: kept placeholders, chunk by chunk.
+
+    Args:
+        thinker_config: the thinker config (its special ids and spatial merge size).
+        cfg: the ratios.
+        grid_thw: the video's ``(t, h, w)`` patch grid.
+        second_per_grid: seconds per temporal grid.
+        audio_tokens: tokens of its sound track (None: a video given without ``use_audio_in_video``).
+
+    Returns:
+        ``[<|audio_bos|>] + (kept video, kept audio per chunk) + [<|audio_eos|>]`` with a sound track,
+        else the kept video placeholders. Chunk c's kept video precede its kept audio, as the
+        uncompressed layout orders them at one temporal grid per second.
+    """
+    merge = thinker_config.vision_config.spatial_merge_size
+    t, h, w = (int(x) for x in grid_thw)
+    item = Video(t, h // merge, w // merge, audio_tokens=audio_tokens or 0, second_per_grid=float(second_per_grid))
+    counts = chunk_keep_counts([item], rho_video=cfg.rho_video, rho_audio=cfg.rho_audio, score_audio=True)
+    v_id, a_id = thinker_config.video_token_index, thinker_config.audio_token_index
+    ids: list[int] = []
+    for kept_video, kept_audio in counts:
+        ids += [v_id] * kept_video + [a_id] * kept_audio
+    if audio_tokens is None:
+        return ids
+    return [thinker_config.audio_start_token_id] + ids + [thinker_config.audio_end_token_id]
+
+
+def _digest(*parts: str) -> str:
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
+
+
+class OmniSIFTQwen2_5OmniProcessor(Qwen2_5OmniThinkerMultiModalProcessor):
+    """The stock thinker processor with compressed video spans (see the module docstring)."""
+
+    def _serving(self) -> ServingConfig:
+        return serving_config(self.info.ctx.model_config.hf_config)
+
+    # --- item data ------------------------------------------------------------------------------
+    def _postprocess_hf_mm_data(self, hf_data, hf_kwargs, processed_data):
+        out = super()._postprocess_hf_mm_data(hf_data, hf_kwargs, processed_data)
+        if not (self._serving().enabled and hf_kwargs.get("use_audio_in_video")):
+            return out
+        lengths = out.get("audio_feature_lengths")
+        if lengths is not None:
+            out[PAIRED] = torch.ones(len(lengths), dtype=torch.bool)
+            if out.get("video_grid_thw") is not None and "input_audio_features" in out:
+                out[TRACK_FEATURES] = out["input_audio_features"]
+                out[TRACK_LENGTHS] = lengths.clone()
+        return out
+
+    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs) -> Mapping[str, MultiModalFieldConfig]:
+        fields = dict(create_qwen2_5_omni_thinker_field_factory(
+            self.info.get_hf_config().vision_config.spatial_merge_size)(hf_inputs))
+        if PAIRED in hf_inputs:
+            fields[PAIRED] = MultiModalFieldConfig.batched("audio", keep_on_cpu=True)
+        if TRACK_LENGTHS in hf_inputs:
+            lengths = hf_inputs[TRACK_LENGTHS].flatten()
+            fields[TRACK_FEATURES] = MultiModalFieldConfig.flat_from_sizes("video", lengths, dim=1)
+            fields[TRACK_LENGTHS] = MultiModalFieldConfig.batched("video", keep_on_cpu=True)
+        return fields
+
+    # --- caches ---------------------------------------------------------------------------------
+    def _get_mm_hashes(self, inputs):
+        hashes = super()._get_mm_hashes(inputs)
+        cfg = self._serving()
+        if not cfg.enabled:
+            return hashes
+        tag = cfg.cache_tag()
+        videos = list(hashes.get("video", []))
+        audios = list(hashes.get("audio", []))
+        out = {k: list(v) for k, v in hashes.items()}
+        if inputs.hf_processor_mm_kwargs.get("use_audio_in_video") and videos:
+            # Video i carries audio i (vLLM pairs them by order); each hash covers both and the ratios.
+            for i, v in enumerate(videos):
+                a = audios[i] if i < len(audios) else ""
+                out["video"][i] = _digest(tag, "video+track", v, a)
+                if i < len(audios):
+                    out["audio"][i] = _digest(tag, "track-of", a, v)
+        elif videos:
+            out["video"] = [_digest(tag, "video", v) for v in videos]
+        return out
+
+    def _cached_apply_hf_processor(self, inputs, timing_ctx):
+        if self._serving().enabled and inputs.hf_processor_mm_kwargs.get("use_audio_in_video"):
+            return self._apply_hf_processor(inputs, timing_ctx)
+        return super()._cached_apply_hf_processor(inputs, timing_ctx)
+
+    # --- placeholders ---------------------------------------------------------------------------
+    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
+        updates = list(super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs))
+        cfg = self._serving()
+        if not cfg.enabled:
+            return updates
+        thinker_config = self.info.get_hf_config()
+        data = out_mm_kwargs.get_data()
+        use_audio_in_video = bool(hf_processor_mm_kwargs.get("use_audio_in_video", False))
+        lengths = data.get("audio_feature_lengths")
+        v_id, a_id = thinker_config.video_token_index, thinker_config.audio_token_index
+
+        def video_span(item_idx: int):
+            grid = [int(x) for x in data["video_grid_thw"][item_idx].tolist()]
+            spg = data.get("second_per_grid_ts")
+            second_per_grid = float(spg[item_idx]) if spg is not None else 1.0
+            if not use_audio_in_video:
+                return compressed_video_ids(thinker_config, cfg, grid, second_per_grid, None)
+            audio_tokens = audio_tokens_from_mel(int(lengths[item_idx]))
+            ids = compressed_video_ids(thinker_config, cfg, grid, second_per_grid, audio_tokens)
+            return PromptUpdateDetails.select_token_ids(ids, [v_id, a_id])
+
+        for k, update in enumerate(updates):
+            if update.modality == "video":
+                updates[k] = type(update)(modality="video", target=update.target, replacement=video_span)
+        return updates
+
+    def _derive_audio_from_video_placeholders(self, placeholders, mm_prompt_updates):
+        if not self._serving().enabled:
+            return super()._derive_audio_from_video_placeholders(placeholders, mm_prompt_updates)
+        derived = dict(super()._derive_audio_from_video_placeholders(placeholders, mm_prompt_updates))
+        cfg = self.info.get_hf_config()
+        embed_ids = torch.tensor([cfg.video_token_index, cfg.audio_token_index])
+        videos, audios = [], []
+        for p in derived.get("video", []):
+            is_embed = torch.isin(torch.tensor(p.tokens), embed_ids)
+            videos.append(PlaceholderFeaturesInfo(modality="video", item_idx=p.item_idx, start_idx=p.start_idx,
+                                                  tokens=p.tokens, is_embed=is_embed))
+        for p in derived.get("audio", []):
+            audios.append(PlaceholderFeaturesInfo(modality="audio", item_idx=p.item_idx, start_idx=p.start_idx,
+                                                  tokens=p.tokens, is_embed=torch.zeros(len(p.tokens), dtype=torch.bool)))
+        derived["video"], derived["audio"] = videos, audios
+        return derived
