@@ -112,6 +112,8 @@ def test_layering_rules():
                              or m.startswith(f"omnisift_kernels.{layer}.")]
         if not rel.startswith(("integrations/", "testing/")):
             problems += [(rel, m) for m in imports if m.split(".")[0] in ("transformers", "vllm")]
+        if not rel.startswith("integrations/vllm/"):
+            problems += [(rel, m) for m in imports if m.split(".")[0] == "vllm"]
     assert not problems, problems
 
 

@@ -142,6 +142,15 @@ class OmniSIFTQwen2_5OmniProcessor(Qwen2_5OmniThinkerMultiModalProcessor):
         use_audio_in_video = bool(hf_processor_mm_kwargs.get("use_audio_in_video", False))
         lengths = data.get("audio_feature_lengths")
         v_id, a_id = thinker_config.video_token_index, thinker_config.audio_token_index
+        grids = data.get("video_grid_thw")
+        if grids is not None and len(grids) > 1:
+            odd = [i for i, g in enumerate(grids[:-1]) if int(g[0]) % 2]
+            if odd:
+                raise ValueError(
+                    f"omnisift vLLM plugin: a prompt with {len(grids)} videos where video {odd[0]} (not the last) "
+                    f"has an odd number of temporal grids ({int(grids[odd[0]][0])}); OmniSIFT pairs frames across "
+                    "videos (spec §2) but the plugin compresses each video on its own. Send such videos in "
+                    "separate prompts or give every video but the last an even number of frame pairs.")
 
         def video_span(item_idx: int):
             grid = [int(x) for x in data["video_grid_thw"][item_idx].tolist()]

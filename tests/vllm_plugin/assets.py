@@ -26,14 +26,24 @@ IMAGE = "<|vision_bos|><|IMAGE|><|vision_eos|>"
 AUDIO = "<|audio_bos|><|AUDIO|><|audio_eos|>"
 
 
-def build_checkpoint(directory: str, seed: int = 0, hidden_size: int = 128, with_selector: bool = True) -> str:
-    """Writes the tiny checkpoint and processor to ``directory`` (see the module docstring)."""
+def build_checkpoint(directory: str, seed: int = 0, hidden_size: int = 128, with_selector: bool = True,
+                     num_layers: int = 2, max_pixels: int = 112 * 112) -> str:
+    """Writes the tiny checkpoint and processor to ``directory`` (see the module docstring).
+
+    Args:
+        directory: where to write.
+        seed: the weights' seed.
+        hidden_size: the text width (4 heads: 128 gives vLLM's smallest CPU head size, 32).
+        with_selector: save the selector at ``thinker.compressor.*`` (stock vLLM refuses those keys).
+        num_layers: text decoder layers.
+        max_pixels: the processor's largest frame (pixels).
+    """
     from transformers import Qwen2_5OmniConfig, Qwen2_5OmniForConditionalGeneration
 
     from omnisift_kernels import VisionGuidedAudioSelector
 
-    proc = A.build_processor()
-    cfg = A.build_thinker_config(proc.tokenizer, hidden_size=hidden_size)
+    proc = A.build_processor(max_pixels=max_pixels)
+    cfg = A.build_thinker_config(proc.tokenizer, hidden_size=hidden_size, num_layers=num_layers)
     cfg.text_config.tie_word_embeddings = False
     torch.manual_seed(seed)
     model = Qwen2_5OmniForConditionalGeneration(Qwen2_5OmniConfig(thinker_config=cfg.to_dict(), enable_audio_output=False))
@@ -72,21 +82,25 @@ def image(seed: int, size: tuple[int, int] = (56, 84)) -> np.ndarray:
     return np.kron(blocks, np.ones((14, 14, 1), dtype=np.uint8))
 
 
-def request(kind: str, seed: int = 0, text: str = "what happens here?", frames: int = 8) -> dict:
+def request(kind: str, seed: int = 0, text: str = "what happens here?", frames: int = 8,
+            audio_seed: int | None = None, size: tuple[int, int] = (56, 84)) -> dict:
     """One request as ``{"prompt", "videos", "audios", "images", "use_audio_in_video"}``.
 
-    Kinds: ``"video+audio"`` (a video with its sound track), ``"video"``, ``"image"``, ``"audio"``
-    (standalone), ``"text"``.
+    Kinds: ``"video+audio"`` (a video with its sound track), ``"video"``, ``"two-videos"`` (``frames``
+    then 4 frames), ``"image"``, ``"audio"`` (standalone), ``"text"``. ``seed`` draws the media (``audio_seed``, when given, the sound track).
     """
     r = {"videos": [], "audios": [], "images": [], "use_audio_in_video": False}
     if kind == "video+audio":
-        r["videos"] = [video(seed, frames)]
-        r["audios"] = [audio(seed, seconds=frames / 2)]
+        r["videos"] = [video(seed, frames, tuple(size))]
+        r["audios"] = [audio(seed if audio_seed is None else audio_seed, seconds=frames / 2)]
         r["use_audio_in_video"] = True
         media = VIDEO
     elif kind == "video":
-        r["videos"] = [video(seed, frames)]
+        r["videos"] = [video(seed, frames, tuple(size))]
         media = VIDEO
+    elif kind == "two-videos":
+        r["videos"] = [video(seed, frames), video(seed + 100, 4)]
+        media = VIDEO + "and" + VIDEO
     elif kind == "image":
         r["images"] = [image(seed)]
         media = IMAGE
