@@ -3,7 +3,7 @@
 ``python -m bench.serve`` (in the vLLM environment, ``.venv-vllm`` of ``make test-vllm``) runs one vLLM
 engine per setting, each in its own process, on the same requests:
 
-* ``off``: the plugin installed but no ``"omnisift"`` section: vLLM's own Qwen2.5-Omni thinker;
+* ``off``: the plugin installed, ``{"omnisift": {"enabled": false}}``: vLLM's own Qwen2.5-Omni thinker;
 * ``on``: ``hf_overrides={"omnisift": {"preset": ...}}``: the compressed sequence.
 
 and measures, per engine:
@@ -64,9 +64,11 @@ def worker(spec_path: str, out_path: str) -> None:
     from vllm import LLM, SamplingParams
 
     assets = _assets()
-    kwargs = dict(model=spec["model"], dtype=spec["dtype"], max_model_len=spec["max_model_len"], seed=0,
+    kwargs = dict(model=spec["model"], dtype=spec["dtype"], seed=0,
                   enable_prefix_caching=False, limit_mm_per_prompt={"video": 1, "audio": 1},
                   enforce_eager=spec["enforce_eager"])
+    if spec["max_model_len"]:
+        kwargs["max_model_len"] = spec["max_model_len"]
     if spec["omnisift"] is not None:
         kwargs["hf_overrides"] = {"omnisift": spec["omnisift"]}
     t0 = time.perf_counter()
@@ -101,8 +103,18 @@ def _environment(model: str, device_note: str) -> dict:
     import torch
     import vllm
 
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = ""
     return {"vllm": vllm.__version__, "torch": torch.__version__, "python": platform.python_version(),
-            "machine": platform.machine(), "processor": platform.processor() or "", "cpus": os.cpu_count(),
+            "machine": platform.machine(), "cpu": cpu, "cpus": os.cpu_count(), "commit": commit,
             "model": model, "device": device_note}
 
 
@@ -120,7 +132,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--ttft-repeats", type=int, default=5)
     ap.add_argument("--dtype", default="auto", help="auto: float32 on the CPU, bfloat16 on a GPU")
-    ap.add_argument("--max-model-len", type=int, default=16384)
+    ap.add_argument("--max-model-len", type=int, default=None, help="default: the model's")
+    ap.add_argument("--kv-cache-gb", type=int, default=4, help="CPU only: KV cache size (VLLM_CPU_KVCACHE_SPACE)")
     ap.add_argument("--settings", default="off,on", help="comma-separated among off, on")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--worker", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
@@ -145,18 +158,23 @@ def main(argv=None) -> int:
         spec = {"setting": setting, "model": model, "dtype": dtype, "max_model_len": args.max_model_len,
                 "enforce_eager": not on_gpu, "kind": args.kind, "seconds": args.seconds,
                 "frame_size": args.frame_size, "ttft_repeats": args.ttft_repeats, "requests": args.requests,
-                "max_tokens": args.max_tokens, "omnisift": {"preset": args.preset} if setting == "on" else None}
+                "max_tokens": args.max_tokens,
+                "omnisift": {"preset": args.preset} if setting == "on" else {"enabled": False}}
         spec_path = os.path.join(tmp.name, f"{setting}.json")
         out_path = os.path.join(tmp.name, f"{setting}.out.json")
         with open(spec_path, "w") as f:
             json.dump(spec, f)
         env = dict(os.environ)
+        if not on_gpu:
+            # vLLM's CPU worker otherwise takes most of the machine's memory for its KV cache.
+            env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(args.kv_cache_gb))
         env["PYTHONPATH"] = os.pathsep.join([os.path.join(ROOT, "tests", "_shims"), ROOT] +
                                             ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
         proc = subprocess.run([sys.executable, "-m", "bench.serve", "--worker", spec_path, out_path], cwd=ROOT,
                               env=env, capture_output=True, text=True)
         if proc.returncode != 0:
-            sys.stderr.write(proc.stderr[-6000:])
+            lines = (proc.stdout + "\n" + proc.stderr).splitlines()
+            sys.stderr.write("\n".join([ln for ln in lines if "Error" in ln][-30:]) + "\n" + proc.stderr[-3000:])
             print(f"bench.serve: the {setting} engine failed (exit {proc.returncode})")
             return 1
         with open(out_path) as f:

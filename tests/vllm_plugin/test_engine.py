@@ -45,7 +45,9 @@ def test_keep_all_equals_stock_vllm(run_engine, reference, stock_checkpoint):
     """rho = 0: the plugin serves what vLLM serves (text, image, video, standalone audio)."""
     requests = [_req(k, i) for i, k in enumerate(KINDS)]
     stock = run_engine({"plugin": False, "checkpoint": stock_checkpoint, "rounds": [requests]})
-    keep_all = run_engine({"omnisift": {"rho_video": 0.0, "rho_audio": 0.0}, "rounds": [requests]})
+    # The checkpoint without selector weights: rho_audio = 0 never needs them.
+    keep_all = run_engine({"omnisift": {"rho_video": 0.0, "rho_audio": 0.0}, "checkpoint": stock_checkpoint,
+                           "rounds": [requests]})
     assert stock["architecture"] == keep_all["architecture"] == ["Qwen2_5OmniForConditionalGeneration"]
     for req, s, k in zip(requests, stock["rounds"][0], keep_all["rounds"][0]):
         if req["kind"] == "video+audio":
@@ -91,12 +93,12 @@ def test_chunked_prefill_small_budget(run_engine, reference):
 
 def test_prefix_caching_repeated_media(run_engine, reference):
     """The same video and track again hit the prefix cache and give the same result; the same video
-    with another track is another item (the hash covers the pairing)."""
+    with another track is another item (the hash covers the pairing). No settings given: the
+    checkpoint holds selector weights, so it is served at the release's ratios (0.7 / 0.3)."""
     first = _req("video+audio", 0)
     other_text = _req("video+audio", 0, text="describe the sound")
     other_track = _req("video+audio", 0, audio_seed=5)
-    out = run_engine({"omnisift": {"rho_video": 0.7, "rho_audio": 0.3}, "prompt_logprobs": False,
-                      "engine": {"enable_prefix_caching": True},
+    out = run_engine({"prompt_logprobs": False, "engine": {"enable_prefix_caching": True},
                       "rounds": [[first], [first], [other_text], [other_track]]})
     (a,), (b,), (c,), (d,) = out["rounds"]
     assert b["num_cached_tokens"] > 0 and c["num_cached_tokens"] > 0
@@ -112,3 +114,8 @@ def test_bad_ratio_fails_engine_start(run_engine):
     """A ratio outside [0, 1) stops the engine with the error naming the setting."""
     with pytest.raises(AssertionError, match=r"hf_overrides\['omnisift'\]\['rho_video'\] must be in \[0, 1\)"):
         run_engine({"omnisift": {"rho_video": 1.0}, "rounds": []})
+
+
+def test_missing_selector_weights_fail_engine_start(run_engine, stock_checkpoint):
+    with pytest.raises(AssertionError, match=r"no selector weights \(thinker\.compressor\.\*"):
+        run_engine({"omnisift": {"rho_video": 0.7, "rho_audio": 0.3}, "checkpoint": stock_checkpoint, "rounds": []})

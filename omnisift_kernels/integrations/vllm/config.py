@@ -8,7 +8,13 @@ an ``"omnisift"`` section saved in the checkpoint's ``config.json``. Keys:
   ``"release-default"``); it sets both ratios, as everywhere in this library;
 - ``rho_video``, ``rho_audio``: the removal ratios (``0 <= rho < 1``), used when no preset is given
   (a missing one defaults to the release's 0.7 / 0.3);
-- ``enabled``: False serves the stock model (the default when there is no ``"omnisift"`` section).
+- ``enabled``: False serves the stock model.
+
+The same keys are also read flat from the config (``hf_overrides={"rho_video": 0.7, "rho_audio":
+0.3}``, or ``omnisift_preset``/``omnisift_rho_video``/``omnisift_rho_audio``) when there is no
+section. With no setting at all, a local checkpoint whose weights hold the selector
+(``thinker.compressor.*``, an OmniSIFT checkpoint) is served compressed at the release's ratios
+(0.7 / 0.3, ``OmniSIFTThinker``'s defaults); any other checkpoint is served as vLLM serves it.
 
 The processor (placeholder counts) and the model (the compressor) both read :func:`serving_config`,
 so they always agree.
@@ -17,7 +23,11 @@ so they always agree.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import math
+import os
+import struct
 from typing import Any
 
 from ...presets import get_preset
@@ -47,24 +57,61 @@ class ServingConfig:
         return f"omnisift:v={self.rho_video!r}:a={self.rho_audio!r}"
 
 
-def _section(hf_config: Any) -> Any:
-    section = getattr(hf_config, CONFIG_KEY, None)
-    if section is None:
-        thinker = getattr(hf_config, "thinker_config", None)
-        section = getattr(thinker, CONFIG_KEY, None) if thinker is not None else None
-    return section
+_FLAT = {"preset": ("omnisift_preset",), "rho_video": ("omnisift_rho_video", "rho_video"),
+         "rho_audio": ("omnisift_rho_audio", "rho_audio")}
 
 
-def serving_config(hf_config: Any) -> ServingConfig:
+def _section(hf_config: Any) -> tuple[Any, str]:
+    """The settings given on the config (or its thinker config), and how they were given."""
+    for cfg in (hf_config, getattr(hf_config, "thinker_config", None)):
+        if cfg is None:
+            continue
+        section = getattr(cfg, CONFIG_KEY, None)
+        if section is not None:
+            return section, f"hf_overrides['{CONFIG_KEY}']"
+        flat = {key: getattr(cfg, name) for key, names in _FLAT.items() for name in names
+                if getattr(cfg, name, None) is not None}
+        if flat:
+            return flat, "hf_overrides"
+    return None, ""
+
+
+@functools.lru_cache(maxsize=64)
+def checkpoint_has_selector(model_path: str) -> bool:
+    """Whether a local checkpoint directory's ``*.safetensors`` hold ``thinker.compressor.*`` tensors
+    (read from the files' headers only; False for anything that is not a local directory)."""
+    if not model_path or not os.path.isdir(model_path):
+        return False
+    for name in sorted(os.listdir(model_path)):
+        if not name.endswith(".safetensors"):
+            continue
+        try:
+            with open(os.path.join(model_path, name), "rb") as f:
+                size = struct.unpack("<Q", f.read(8))[0]
+                header = json.loads(f.read(size))
+        except (OSError, ValueError, struct.error):
+            continue
+        if any(k.startswith("thinker.compressor.") for k in header):
+            return True
+    return False
+
+
+def serving_config(hf_config: Any, model_path: str | None = None) -> ServingConfig:
     """The :class:`ServingConfig` of a ``Qwen2_5OmniConfig`` (or its thinker config).
+
+    Args:
+        hf_config: the model config, with vLLM's ``hf_overrides`` applied.
+        model_path: the served checkpoint (``model_config.model``); without settings, a local one with
+            selector weights is served compressed at the release's ratios.
 
     Raises:
         TypeError: a section that is not a dict, or a value of the wrong type.
         ValueError: an unknown key or preset, or a ratio outside ``[0, 1)``.
     """
-    where = f"hf_overrides['{CONFIG_KEY}']"
-    section = _section(hf_config)
+    section, where = _section(hf_config)
     if section is None:
+        if model_path is not None and checkpoint_has_selector(str(model_path)):
+            return ServingConfig(enabled=True, rho_video=0.7, rho_audio=0.3)
         return ServingConfig(enabled=False, rho_video=0.0, rho_audio=0.0)
     if not isinstance(section, dict):
         raise TypeError(f"omnisift vLLM plugin: {where} must be a dict with keys among {list(_KEYS)}, "

@@ -64,7 +64,7 @@ class OmniSIFTQwen2_5OmniThinker(Qwen2_5OmniThinkerForConditionalGeneration):
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.omnisift = serving_config(vllm_config.model_config.hf_config)
+        self.omnisift = serving_config(vllm_config.model_config.hf_config, vllm_config.model_config.model)
         self._pending_positions: tuple[torch.Tensor, torch.Tensor] | None = None
         if not self.omnisift.enabled:
             return
@@ -91,7 +91,8 @@ class OmniSIFTQwen2_5OmniThinker(Qwen2_5OmniThinkerForConditionalGeneration):
                 f"{missing[:3]}{'...' if len(missing) > 3 else ''}) but rho_audio={self.omnisift.rho_audio} "
                 "needs them; save them with the model (OmniSIFTThinker keeps them at thinker.compressor.*) or "
                 "serve with rho_audio=0")
-        return loaded | expected if not missing else loaded
+        # rho_audio = 0 never calls the selector: its (random) parameters count as loaded.
+        return set(loaded) | expected
 
     # --- encoders + compression -----------------------------------------------------------------
     def embed_multimodal(self, **kwargs: object):

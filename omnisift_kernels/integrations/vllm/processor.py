@@ -79,7 +79,8 @@ class OmniSIFTQwen2_5OmniProcessor(Qwen2_5OmniThinkerMultiModalProcessor):
     """The stock thinker processor with compressed video spans (see the module docstring)."""
 
     def _serving(self) -> ServingConfig:
-        return serving_config(self.info.ctx.model_config.hf_config)
+        model_config = self.info.ctx.model_config
+        return serving_config(model_config.hf_config, model_config.model)
 
     # --- item data ------------------------------------------------------------------------------
     def _postprocess_hf_mm_data(self, hf_data, hf_kwargs, processed_data):
@@ -87,11 +88,11 @@ class OmniSIFTQwen2_5OmniProcessor(Qwen2_5OmniThinkerMultiModalProcessor):
         if not (self._serving().enabled and hf_kwargs.get("use_audio_in_video")):
             return out
         lengths = out.get("audio_feature_lengths")
-        if lengths is not None:
+        if lengths is not None and out.get("video_grid_thw") is not None and "input_audio_features" in out:
+            # vLLM pairs video i with audio i and requires as many audios as videos here.
             out[PAIRED] = torch.ones(len(lengths), dtype=torch.bool)
-            if out.get("video_grid_thw") is not None and "input_audio_features" in out:
-                out[TRACK_FEATURES] = out["input_audio_features"]
-                out[TRACK_LENGTHS] = lengths.clone()
+            out[TRACK_FEATURES] = out["input_audio_features"]
+            out[TRACK_LENGTHS] = lengths.clone()
         return out
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs) -> Mapping[str, MultiModalFieldConfig]:
