@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-
-import numpy as np
+import struct
 from typing import Union
 
 TOKENS_PER_SECOND = 25  # audio tokens per second = TMRoPE time ids per second
 SECONDS_PER_CHUNK = 2
+
+
+def _f32(x: float) -> float:
+    """``x`` rounded to float32 (round to nearest even), as a Python float."""
+    return struct.unpack("f", struct.pack("f", x))[0]
 
 
 def _check_counts(item, *names: str, optional: tuple[str, ...] = ()) -> None:
@@ -70,9 +74,16 @@ class Video:
 
     def frame_offsets(self) -> list[int]:
         """Time id of every frame relative to the clip's first (``int(g * second_per_grid * 25)`` in
-        float32, as transformers computes TMRoPE time ids)."""
-        g = np.arange(self.seconds, dtype=np.float32)
-        return (g * np.float32(self.second_per_grid) * np.float32(TOKENS_PER_SECOND)).astype(np.int64).tolist()
+        float32, as transformers computes TMRoPE time ids).
+
+        Plain Python (no numpy), so ``sizes_from_grid`` stays traceable by ``torch.compile``: at the
+        default 1.0 the ids are ``25 * g``; otherwise each float32 product is emulated exactly (the
+        product of two float32 values is exact in a double, then rounded to float32).
+        """
+        if float(self.second_per_grid) == 1.0:
+            return [TOKENS_PER_SECOND * g for g in range(self.seconds)]
+        spg = _f32(float(self.second_per_grid))
+        return [int(_f32(_f32(_f32(float(g)) * spg) * TOKENS_PER_SECOND)) for g in range(self.seconds)]
 
     @property
     def tokens_per_frame(self) -> int:

@@ -148,3 +148,27 @@ def test_sizes_from_grid_equal_device_sizes():
             host, kept_rows = sizes_from_grid(layout, rho_video=rho[0], rho_audio=rho[1], score_audio=score)
             assert read_sizes(plan) == host
             assert plan.kept.tolist() == kept_rows
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 400), st.floats(0.01, 8.0, allow_nan=False, allow_infinity=False))
+def test_frame_offsets_are_transformers_time_ids(grids, second_per_grid):
+    """layout.Video's frame time ids equal transformers' float32 formula (get_rope_index)."""
+    expected = (torch.arange(grids) * torch.tensor(second_per_grid, dtype=torch.float32) * 25).long().tolist()
+    assert Video(grids, 2, 2, second_per_grid=second_per_grid).frame_offsets() == expected
+
+
+def test_chunk_keep_counts_sum_to_the_grid_sizes():
+    """chunk_keep_counts (the vLLM processor's placeholders) and sizes_from_grid apply one rule."""
+    from omnisift_kernels.plan import chunk_keep_counts
+
+    for item in (Video(5, 3, 4), Video(4, 2, 2, audio_tokens=0), Video(3, 2, 3, second_per_grid=2.0),
+                 Video(6, 2, 2, audio_tokens=130, second_per_grid=0.5)):
+        for rv, ra in ((0.0, 0.0), (0.7, 0.3), (0.77, 0.5)):
+            counts = chunk_keep_counts([item], rho_video=rv, rho_audio=ra)
+            sizes, kept = sizes_from_grid([[item]], rho_video=rv, rho_audio=ra, score_audio=True)
+            bos_eos = 4 if item.num_audio else 2
+            assert sum(v + a for v, a in counts) == kept[0] - bos_eos
+            assert sum(v for v, _ in counts) == sizes.num_video_kept
+    with pytest.raises(ValueError, match="second_per_grid"):
+        Video(2, 2, 2, second_per_grid=0.0)

@@ -58,8 +58,9 @@ def _value(item: Any, key: str) -> Any:
 class OmniSIFTQwen2_5OmniThinker(Qwen2_5OmniThinkerForConditionalGeneration):
     """vLLM's Qwen2.5-Omni thinker serving the OmniSIFT-compressed sequence (see the module docstring).
 
-    Settings come from ``hf_overrides={"omnisift": {...}}`` or the checkpoint config
-    (:mod:`.config`); without them the model is vLLM's, unchanged.
+    Settings come from ``hf_overrides`` or the checkpoint config (:mod:`.config`); without them a local
+    checkpoint with selector weights is compressed at the release's ratios, any other is served as
+    vLLM serves it (this class then only delegates).
     """
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
