@@ -362,7 +362,8 @@ def grid_mismatch_error(op: str, from_grid: PlanSizes, from_tensors: PlanSizes) 
 
 
 def _row_chunks(row: _HostRow, rho_video: float, rho_audio: float, score_audio: bool):
-    """Per chunk of a host row (spec §2-§4): ``(video tokens, video kept, audio tokens, audio kept)``."""
+    """Per chunk of a host row (spec §2-§4): ``(video tokens, video kept, audio tokens, audio kept, start,
+    end)``, with ``[start, end)`` the chunk's time window."""
     for c in range(0, len(row.frames), SECONDS_PER_CHUNK):
         pair = row.frames[c : c + 2]
         n1 = pair[0][1]
@@ -374,13 +375,35 @@ def _row_chunks(row: _HostRow, rho_video: float, rho_audio: float, score_audio: 
         end = row.frames[c + 2][0] if c + 2 < len(row.frames) else row.end
         n_a = sum(max(0, min(end, s + n) - max(start, s)) for s, n in row.audio_runs)
         keep_a = n_a - int(n_a * rho_audio) if (score_audio and n_a >= 2 and chunk_video >= 1) else n_a
-        yield chunk_total, chunk_video, n_a, keep_a
+        yield chunk_total, chunk_video, n_a, keep_a, start, end
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkKeep:
+    """What OmniSIFT keeps of one chunk (spec §2-§4), from the layout alone.
+
+    Attributes:
+        frames: ``(first, stop)``: the chunk's frames, as indices into the row's frames.
+        window: ``(start, end)``: the chunk's time window, in time ids relative to the row's first frame
+            (so a video's sound-track token ``k`` lies in it when ``start <= k < end``).
+        video_tokens: video tokens of the chunk.
+        video_kept: of them, those that survive pruning (same count in every frame of equal size).
+        audio_tokens: audio tokens in the window.
+        audio_kept: of them, those the selector keeps (all when it does not run on the chunk).
+    """
+
+    frames: tuple[int, int]
+    window: tuple[int, int]
+    video_tokens: int
+    video_kept: int
+    audio_tokens: int
+    audio_kept: int
 
 
 def chunk_keep_counts(
     items: list[Item], *, rho_video: float, rho_audio: float, score_audio: bool = True
-) -> list[tuple[int, int]]:
-    """Per chunk of one row, in order: ``(video tokens kept, audio tokens kept)``.
+) -> list[ChunkKeep]:
+    """Per chunk of one row, in order, what it keeps (:class:`ChunkKeep`).
 
     The same per-chunk rule :func:`sizes_from_grid` sums (its kept row length is the row's length minus
     what these counts drop), so a caller that lays out compressed placeholders from it (the vLLM
@@ -392,7 +415,11 @@ def chunk_keep_counts(
         score_audio: whether a selector runs.
     """
     row = _host_row(list(items))
-    return [(v, a) for _, v, _, a in _row_chunks(row, rho_video, rho_audio, score_audio)]
+    origin = row.frames[0][0] if row.frames else 0
+    return [ChunkKeep(frames=(c, min(c + SECONDS_PER_CHUNK, len(row.frames))), window=(start - origin, end - origin),
+                      video_tokens=vt, video_kept=vk, audio_tokens=at, audio_kept=ak)
+            for c, (vt, vk, at, ak, start, end) in zip(range(0, len(row.frames), SECONDS_PER_CHUNK),
+                                                       _row_chunks(row, rho_video, rho_audio, score_audio))]
 
 
 def sizes_from_grid(
@@ -418,7 +445,7 @@ def sizes_from_grid(
         na += sum(n for _, n in row.audio_runs)
         nf += len(row.frames)
         dropped = 0
-        for chunk_total, chunk_video, n_a, keep_a in _row_chunks(row, rho_video, rho_audio, score_audio):
+        for chunk_total, chunk_video, n_a, keep_a, _, _ in _row_chunks(row, rho_video, rho_audio, score_audio):
             dropped += chunk_total - chunk_video + n_a - keep_a
             nc += 1
             vkept += chunk_video

@@ -168,7 +168,12 @@ def test_chunk_keep_counts_sum_to_the_grid_sizes():
             counts = chunk_keep_counts([item], rho_video=rv, rho_audio=ra)
             sizes, kept = sizes_from_grid([[item]], rho_video=rv, rho_audio=ra, score_audio=True)
             bos_eos = 4 if item.num_audio else 2
-            assert sum(v + a for v, a in counts) == kept[0] - bos_eos
-            assert sum(v for v, _ in counts) == sizes.num_video_kept
+            assert sum(c.video_kept + c.audio_kept for c in counts) == kept[0] - bos_eos
+            assert sum(c.video_kept for c in counts) == sizes.num_video_kept
+            assert sum(c.audio_tokens for c in counts) == item.num_audio
+            # windows tile the time axis from the first frame; frames pair up in order
+            assert [c.window[0] for c in counts] == item.frame_offsets()[::2]
+            assert all(a.window[1] == b.window[0] for a, b in zip(counts, counts[1:]))
+            assert [c.frames for c in counts] == [(f, min(f + 2, item.seconds)) for f in range(0, item.seconds, 2)]
     with pytest.raises(ValueError, match="second_per_grid"):
         Video(2, 2, 2, second_per_grid=0.0)

@@ -83,13 +83,15 @@ def image(seed: int, size: tuple[int, int] = (56, 84)) -> np.ndarray:
 
 
 def request(kind: str, seed: int = 0, text: str = "what happens here?", frames: int = 8,
-            audio_seed: int | None = None, size: tuple[int, int] = (56, 84)) -> dict:
-    """One request as ``{"prompt", "videos", "audios", "images", "use_audio_in_video"}``.
+            audio_seed: int | None = None, size: tuple[int, int] = (56, 84), fps: float | None = None) -> dict:
+    """One request as ``{"prompt", "videos", "audios", "images", "use_audio_in_video", "fps"}``.
 
     Kinds: ``"video+audio"`` (a video with its sound track), ``"video"``, ``"two-videos"`` (``frames``
-    then 4 frames), ``"image"``, ``"audio"`` (standalone), ``"text"``. ``seed`` draws the media (``audio_seed``, when given, the sound track).
+    then 4 frames), ``"image"``, ``"audio"`` (standalone), ``"text"``. ``seed`` draws the media
+    (``audio_seed``, when given, the sound track); ``fps`` is the processors' frame rate (None: their
+    default, 2, one temporal grid per second); the track lasts ``frames / 2`` seconds whatever it is.
     """
-    r = {"videos": [], "audios": [], "images": [], "use_audio_in_video": False}
+    r = {"videos": [], "audios": [], "images": [], "use_audio_in_video": False, "fps": fps}
     if kind == "video+audio":
         r["videos"] = [video(seed, frames, tuple(size))]
         r["audios"] = [audio(seed if audio_seed is None else audio_seed, seconds=frames / 2)]
@@ -127,8 +129,13 @@ def vllm_prompt(r: dict) -> dict:
     out = {"prompt": r["prompt"]}
     if mm:
         out["multi_modal_data"] = mm
+    kwargs = {}
     if r["use_audio_in_video"]:
-        out["mm_processor_kwargs"] = {"use_audio_in_video": True}
+        kwargs["use_audio_in_video"] = True
+    if r.get("fps") is not None:
+        kwargs["fps"] = r["fps"]
+    if kwargs:
+        out["mm_processor_kwargs"] = kwargs
     return out
 
 
@@ -136,8 +143,9 @@ def hf_inputs(processor, r: dict) -> dict:
     """The request through the transformers processor (``OmniSIFTThinker``'s inputs)."""
     from omnisift_kernels.integrations.qwen2_5_omni_inputs import processor_inputs
 
+    extra = {"fps": r["fps"]} if r.get("fps") is not None else {}
     if r["use_audio_in_video"]:
         return processor_inputs(processor, r["prompt"], videos=r["videos"], video_audio=r["audios"],
-                                images=r["images"] or None, use_audio_in_video=True)
+                                images=r["images"] or None, use_audio_in_video=True, **extra)
     return processor_inputs(processor, r["prompt"], videos=r["videos"] or None, images=r["images"] or None,
-                            audio=r["audios"] or None, use_audio_in_video=False)
+                            audio=r["audios"] or None, use_audio_in_video=False, **extra)

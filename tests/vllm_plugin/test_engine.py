@@ -24,7 +24,12 @@ def _check_against_reference(reference, out: dict, request: dict, rho_video: flo
                              check_prompt_logprobs: bool = True) -> None:
     ref = reference.run(assets.request(**request), rho_video, rho_audio, out["gen_ids"])
     what = f"{request} at rho_video={rho_video}, rho_audio={rho_audio}"
-    assert out["prompt_ids"] == ref["kept_ids"], f"kept tokens differ for {what}"
+    if (request.get("fps") or 2.0) >= 2.0 or request["kind"] != "video+audio":
+        assert out["prompt_ids"] == ref["kept_ids"], f"kept tokens differ for {what}"
+    else:
+        # Below 2 fps the split of a chunk's kept audio around a frame is unknown before the encoders
+        # (processor.compressed_video_ids): the same tokens, the order of the placeholder ids may differ.
+        assert sorted(out["prompt_ids"]) == sorted(ref["kept_ids"]), f"kept tokens differ for {what}"
     if check_prompt_logprobs:
         worst = 0.0
         for i, entry in enumerate(out["prompt_logprobs"]):
@@ -63,17 +68,18 @@ def test_keep_all_equals_stock_vllm(run_engine, reference, stock_checkpoint):
 
 def test_compressed_batch_equals_omnisift_thinker(run_engine, reference):
     """One engine, requests of every kind and length in one batch (the default multiprocess engine:
-    the plugin loads in the API process, the engine core and the worker)."""
-    requests = [_req(k, i) for i, k in enumerate(KINDS)] + [
+    the plugin loads in the API process, the engine core and the worker), videos at 4, 2, 1 and 0.5 fps
+    (0.5, 1, 2 and 4 seconds per temporal grid)."""
+    kinds = [_req(k, i) for i, k in enumerate(KINDS)] + [
         _req("video+audio", 7, frames=12, text="and the sound?"), _req("two-videos", 9)]
+    requests = kinds + [_req("video+audio", 13, frames=8, fps=4.0), _req("video+audio", 15, frames=8, fps=1.0),
+                        _req("video+audio", 17, frames=8, fps=0.5, text="slow")]
     out = run_engine({"omnisift": {"rho_video": 0.7, "rho_audio": 0.3}, "rounds": [requests],
                       "engine": {"max_num_batched_tokens": 4096},
                       "error_requests": [_req("two-videos", 11, frames=6)]})
-    lengths = set()
     for req, o in zip(requests, out["rounds"][0]):
         _check_against_reference(reference, o, req, 0.7, 0.3)
-        lengths.add(len(o["prompt_ids"]))
-    assert len(lengths) == len(requests)
+    assert len({len(o["prompt_ids"]) for o in out["rounds"][0][: len(kinds)]}) == len(kinds)
     full = reference.run(assets.request(**requests[0]), 0.0, 0.0, [0])["kept_ids"]
     assert len(out["rounds"][0][0]["prompt_ids"]) < 0.6 * len(full)
     # A first video of 3 temporal grids would pair its last frame with the next video's first.

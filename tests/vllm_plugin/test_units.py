@@ -13,7 +13,7 @@ from omnisift_kernels.integrations.vllm.config import ServingConfig, serving_con
 from omnisift_kernels.integrations.vllm.positions import (
     _RopeIndex, compressed_positions, decode_positions, encode_positions, item_relative_positions,
 )
-from omnisift_kernels.integrations.vllm.processor import audio_tokens_from_mel, compressed_video_ids
+from omnisift_kernels.integrations.vllm.processor import audio_tokens_from_mel, compressed_video_ids, track_span_ids
 from omnisift_kernels.layout import Video
 from omnisift_kernels.plan import sizes_from_grid
 
@@ -108,6 +108,57 @@ def test_placeholder_counts_follow_the_plan(thinker_config):
         assert n_video == t * (per_frame - int(per_frame * rv))
 
 
+SPAN_CASES = [  # (grid_thw, second_per_grid, audio tokens): fps 2, 4, 8, 1, 0.5, 0.4; audio shorter or longer
+    ([8, 4, 6], 1.0, 200), ([8, 4, 6], 1.0, 137), ([5, 4, 4], 1.0, 260), ([8, 4, 4], 0.5, 100),
+    ([7, 4, 4], 0.5, 175), ([9, 2, 4], 0.25, 60), ([6, 4, 4], 2.0, 300), ([5, 4, 4], 2.0, 211),
+    ([4, 2, 2], 4.0, 400), ([5, 2, 4], 5.0, 610), ([3, 4, 4], 4.0, 90), ([1, 4, 4], 1.0, 30),
+]
+
+
+@pytest.mark.parametrize("grid,spg,n_audio", SPAN_CASES)
+def test_track_span_is_the_transformers_processors(thinker_config, grid, spg, n_audio):
+    """The uncompressed span of a video with its sound track is the one Qwen2_5OmniProcessor writes
+    (vLLM 0.32's own differs below 1 fps)."""
+    import assets
+
+    assets.A.prepare_torchvision()
+    processor = assets.A.build_processor()
+    text = processor.replace_multimodal_special_tokens(
+        [processor.vision_bos_token + processor.video_token + processor.vision_eos_token],
+        iter([n_audio]), iter([]), iter([torch.tensor(grid)]), iter([spg]), True, 25, 2)[0]
+    expected = processor.tokenizer(text, add_special_tokens=False)["input_ids"][1:-1]
+    assert track_span_ids(thinker_config, grid, spg, n_audio) == expected
+
+
+@pytest.mark.parametrize("grid,spg,n_audio", SPAN_CASES)
+@pytest.mark.parametrize("rho_video,rho_audio", [(0.7, 0.3), (0.5, 0.77), (0.0, 0.5), (0.3, 0.0)])
+def test_compressed_span_is_the_kept_ids(thinker_config, grid, spg, n_audio, rho_video, rho_audio):
+    """The compressed placeholders are the ids the compressor keeps of the uncompressed span, exactly
+    when each chunk's audio is one run (up to 1 second per grid); above, the same tokens in number."""
+    from omnisift_kernels import OmniSIFTCompressor
+
+    cfg = thinker_config
+    span = track_span_ids(cfg, grid, spg, n_audio)
+    ids = [cfg.vision_start_token_id] + span + [cfg.vision_end_token_id]
+    rope = _RopeIndex(cfg)
+    mel = next(m for m in range(4 * n_audio + 8) if audio_tokens_from_mel(m) == n_audio)
+    pos = rope(ids, image_grid_thw=[], video_grid_thw=[grid], audio_seqlens=[mel], second_per_grids=[spg],
+               use_audio_in_video=True)
+    g = torch.Generator().manual_seed(len(ids))
+    d = 32
+    embeds = torch.randn(1, len(ids), d, generator=g)
+    compressor = OmniSIFTCompressor(d, rho_video=rho_video, rho_audio=rho_audio, backend="reference")
+    with torch.no_grad():
+        res = compressor(embeds, torch.tensor([ids]), pos.unsqueeze(1), torch.ones(1, len(ids), dtype=torch.long),
+                         video_token_id=cfg.video_token_index, audio_token_id=cfg.audio_token_index, output="right")
+    kept = torch.tensor(ids)[res.keep_mask[0]].tolist()[1:-1]
+    ours = compressed_video_ids(cfg, ServingConfig(True, rho_video, rho_audio), grid, spg, n_audio)
+    if spg <= 1.0:
+        assert ours == kept
+    else:
+        assert sorted(ours) == sorted(kept) and ours[0] == kept[0] and ours[-1] == kept[-1]
+
+
 def test_audio_tokens_from_mel():
     from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniAudioEncoder
 
@@ -119,15 +170,12 @@ def test_audio_tokens_from_mel():
 @pytest.mark.parametrize("with_audio", [True, False])
 def test_compressed_positions_are_transformers_positions(thinker_config, with_audio):
     """Base + relative position of any kept subset equals transformers' ids of the full prompt there."""
-    from vllm.model_executor.models.qwen2_5_omni_thinker import Qwen2_5OmniThinkerMultiModalProcessor as P
-
     cfg = thinker_config
     rope = _RopeIndex(cfg)
     grid, spg, mel = [3, 4, 6], 1.0, 400
     n_audio = audio_tokens_from_mel(mel)
     if with_audio:
-        span = P.omni_get_updates_use_audio_in_video(cfg, audio_len=n_audio, video_grid_thw=grid,
-                                                     video_second_per_grid_t=spg)
+        span = track_span_ids(cfg, grid, spg, n_audio)
         inner = span[1:-1]
     else:
         inner = [cfg.video_token_index] * (3 * 4 * 6 // 4)

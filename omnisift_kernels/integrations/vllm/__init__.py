@@ -27,6 +27,14 @@ vLLM behaviours worked around, all inside this package and checked against the v
 - vLLM 0.32's own position ids for a video with its sound track differ from transformers' (its
   ``<|audio_bos|>`` takes the first media position and every later id is shifted): the plugin computes
   transformers' ids (:mod:`.positions`), so with compression on, such prompts follow transformers.
+- vLLM 0.32 interleaves a video's frames with its sound track by whole-frame windows, transformers'
+  processor by its ``get_chunked_index``; they differ below 1 fps. The plugin lays spans out as
+  transformers does (:func:`.processor.track_runs`).
+- vLLM fixes placeholder ids before the encoders run. Below 2 fps (more than 1 second per temporal
+  grid) a chunk's kept audio can sit on both sides of a frame, split by the selector's scores: the
+  plugin's placeholder ids then put them at the first side (counts, embeddings, positions and hence
+  log-probabilities stay those of transformers; only such prompt ids can differ,
+  :func:`.processor.compressed_video_ids`). At 2 fps (the default) and faster the ids are exact.
 - vLLM's pruning hook (``SupportsMultiModalPruning.recompute_mrope_positions``) runs only when the
   model runner's ``is_multimodal_pruning_enabled`` is set, which 0.32's CPU runner never does; the
   plugin does not rely on it: kept positions travel with the embeddings and are applied in ``forward``.

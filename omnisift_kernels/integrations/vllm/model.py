@@ -29,7 +29,6 @@ from vllm.model_executor.models.interfaces import SupportsMultiModal
 from vllm.model_executor.models.qwen2_5_omni_thinker import (
     Qwen2_5OmniThinkerDummyInputsBuilder,
     Qwen2_5OmniThinkerForConditionalGeneration,
-    Qwen2_5OmniThinkerMultiModalProcessor,
     Qwen2_5OmniThinkerProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
@@ -40,7 +39,9 @@ from ...selector import VisionGuidedAudioSelector
 from .config import serving_config
 from .positions import POSITION_CHANNELS, _RopeIndex, compressed_positions, decode_positions, encode_positions
 from .positions import item_relative_positions
-from .processor import PAIRED, TRACK_FEATURES, TRACK_LENGTHS, OmniSIFTQwen2_5OmniProcessor, audio_tokens_from_mel
+from .processor import (
+    PAIRED, TRACK_FEATURES, TRACK_LENGTHS, OmniSIFTQwen2_5OmniProcessor, audio_tokens_from_mel, track_span_ids,
+)
 
 COMPRESSOR_PREFIX = "compressor."  # thinker.compressor.* after vLLM's "thinker." -> "" mapping
 
@@ -140,10 +141,7 @@ class OmniSIFTQwen2_5OmniThinker(Qwen2_5OmniThinkerForConditionalGeneration):
         for i in range(n):
             t, h, w = (int(x) for x in grids[i])
             if mel[i] is not None:
-                full = Qwen2_5OmniThinkerMultiModalProcessor.omni_get_updates_use_audio_in_video(
-                    cfg, audio_len=audio_tokens_from_mel(mel[i]), video_grid_thw=grids[i],
-                    video_second_per_grid_t=spgs[i])
-                inner = full[1:-1]
+                inner = track_span_ids(cfg, grids[i], spgs[i], audio_tokens_from_mel(mel[i]))[1:-1]
             else:
                 inner = [v_id] * (t * h * w // merge ** 2)
             rel = item_relative_positions(self._rope, inner, grid_thw=grids[i], second_per_grid=spgs[i],
@@ -229,8 +227,7 @@ class OmniSIFTQwen2_5OmniThinker(Qwen2_5OmniThinkerForConditionalGeneration):
                 track = _value(data, TRACK_LENGTHS)
                 mel = int(torch.as_tensor(track).flatten()[0]) if track is not None else None
                 if mel is not None:
-                    original = Qwen2_5OmniThinkerMultiModalProcessor.omni_get_updates_use_audio_in_video(
-                        cfg, audio_len=audio_tokens_from_mel(mel), video_grid_thw=grid, video_second_per_grid_t=spg)
+                    original = track_span_ids(cfg, grid, spg, audio_tokens_from_mel(mel))
                     embed = f.mm_position.is_embed
                 else:
                     original = [cfg.video_token_index] * (grid[0] * grid[1] * grid[2] // merge ** 2)

@@ -42,9 +42,80 @@ def audio_tokens_from_mel(mel_frames: int) -> int:
     return ((int(mel_frames) - 1) // 2 + 1 - 2) // 2 + 1
 
 
+def track_runs(thinker_config: Any, grid_thw: list[int], second_per_grid: float,
+               audio_tokens: int) -> list[tuple[str, int, int]]:
+    """The uncompressed span of a video with its sound track, as transformers' processor lays it out.
+
+    ``Qwen2_5OmniProcessor`` gives every video token its frame's time value (``g * second_per_grid * 25``,
+    float64) and audio token ``k`` the value ``k``, cuts each list with its ``get_chunked_index`` (walking
+    the tokens, a new chunk starts at a token whose value reaches the next multiple of
+    ``position_id_per_seconds * seconds_per_chunk``, one multiple per token), then emits video chunk j,
+    audio chunk j for every j. vLLM 0.32's own layout (``omni_get_updates_use_audio_in_video``) buckets
+    whole frames by window and differs from it when a window holds no frame (under 1 fps); the plugin
+    follows transformers, as ``OmniSIFTThinker`` does.
+
+    Args:
+        thinker_config: the thinker config (``position_id_per_seconds``, ``seconds_per_chunk``, the
+            spatial merge size).
+        grid_thw: the video's ``(t, h, w)`` patch grid.
+        second_per_grid: seconds per temporal grid.
+        audio_tokens: tokens of the sound track.
+
+    Returns:
+        Runs in order (bos/eos tokens excluded): ``("video", first, stop)`` over the video's tokens in
+        frame-major order and ``("audio", first, stop)`` over the track's tokens.
+    """
+    t = int(grid_thw[0])
+    merge = thinker_config.vision_config.spatial_merge_size
+    per_frame = int(grid_thw[1]) * int(grid_thw[2]) // merge ** 2
+    per_second = int(getattr(thinker_config, "position_id_per_seconds", 25))
+    per_chunk = int(per_second * float(getattr(thinker_config, "seconds_per_chunk", 2)))
+
+    def chunked(groups) -> list[tuple[int, int]]:
+        # groups: (value, tokens) in order; at most one cut per token, at the group's first tokens.
+        cuts, boundary, index = [], 1, 0
+        for value, count in groups:
+            k = 0
+            while k < count and value >= boundary * per_chunk:
+                cuts.append(index + k)
+                boundary, k = boundary + 1, k + 1
+            index += count
+        edges = [0] + cuts + [index]
+        return list(zip(edges[:-1], edges[1:]))
+
+    video = chunked((g * float(second_per_grid) * per_second, per_frame) for g in range(t))
+    audio = chunked(((k, 1) for k in range(int(audio_tokens))))
+    runs: list[tuple[str, int, int]] = []
+    for j in range(max(len(video), len(audio))):
+        if j < len(video) and video[j][1] > video[j][0]:
+            runs.append(("video", *video[j]))
+        if j < len(audio) and audio[j][1] > audio[j][0]:
+            runs.append(("audio", *audio[j]))
+    return runs
+
+
+def track_span_ids(thinker_config: Any, grid_thw: list[int], second_per_grid: float, audio_tokens: int) -> list[int]:
+    """``<|audio_bos|>`` + the uncompressed interleaved span (:func:`track_runs`) + ``<|audio_eos|>``."""
+    ids = [thinker_config.audio_start_token_id]
+    for kind, first, stop in track_runs(thinker_config, grid_thw, second_per_grid, audio_tokens):
+        token = thinker_config.video_token_index if kind == "video" else thinker_config.audio_token_index
+        ids += [token] * (stop - first)
+    return ids + [thinker_config.audio_end_token_id]
+
+
 def compressed_video_ids(thinker_config: Any, cfg: ServingConfig, grid_thw: list[int], second_per_grid: float,
                          audio_tokens: int | None) -> list[int]:
-    """The compressed span of one video: kept placeholders, chunk by chunk.
+    """The compressed span of one video: the uncompressed span with each frame's and each chunk's
+    dropped tokens taken out (counts from :func:`omnisift_kernels.plan.chunk_keep_counts`).
+
+    Which tokens go is known only after the encoders, but where each kind sits is known before: a frame's
+    kept tokens stay in its place, and so do a chunk's kept audio tokens, as long as the frame (the
+    chunk's audio) is one run of the span. That holds up to 1 second per temporal grid (2 fps, the
+    default, and faster). Slower, a chunk's two frames fall in two of transformers' windows, so its audio
+    is two runs (above 2 seconds per grid a frame can be cut too), and how the kept tokens split between
+    the runs depends on the selector's (or the frame's) scores: this layout then places them all at the
+    first run. The counts stay exact, and so do the embeddings and position ids the model writes there
+    (in transformers' order): only the ids of such placeholders can differ from transformers' kept ids.
 
     Args:
         thinker_config: the thinker config (its special ids and spatial merge size).
@@ -54,20 +125,39 @@ def compressed_video_ids(thinker_config: Any, cfg: ServingConfig, grid_thw: list
         audio_tokens: tokens of its sound track (None: a video given without ``use_audio_in_video``).
 
     Returns:
-        ``[<|audio_bos|>] + (kept video, kept audio per chunk) + [<|audio_eos|>]`` with a sound track,
-        else the kept video placeholders. Chunk c's kept video precede its kept audio, as the
-        uncompressed layout orders them at one temporal grid per second.
+        ``[<|audio_bos|>] + kept span + [<|audio_eos|>]`` with a sound track, else the kept video
+        placeholders.
     """
     merge = thinker_config.vision_config.spatial_merge_size
     t, h, w = (int(x) for x in grid_thw)
+    per_frame = (h // merge) * (w // merge)
     item = Video(t, h // merge, w // merge, audio_tokens=audio_tokens or 0, second_per_grid=float(second_per_grid))
-    counts = chunk_keep_counts([item], rho_video=cfg.rho_video, rho_audio=cfg.rho_audio, score_audio=True)
+    chunks = chunk_keep_counts([item], rho_video=cfg.rho_video, rho_audio=cfg.rho_audio, score_audio=True)
     v_id, a_id = thinker_config.video_token_index, thinker_config.audio_token_index
-    ids: list[int] = []
-    for kept_video, kept_audio in counts:
-        ids += [v_id] * kept_video + [a_id] * kept_audio
+    frame_kept = [0] * t
+    for ch in chunks:
+        first, stop = ch.frames
+        for g in range(first, stop):
+            frame_kept[g] = ch.video_kept // (stop - first)  # the frames of one video are of one size
     if audio_tokens is None:
-        return ids
+        return [v_id] * sum(frame_kept)
+    # Per unit (frame or chunk): its token range, its kept count, whether it was placed yet.
+    frames = [(g * per_frame, (g + 1) * per_frame, frame_kept[g]) for g in range(t)]
+    windows = [(ch.window[0], ch.window[1] if c + 1 < len(chunks) else audio_tokens, ch.audio_kept)
+               for c, ch in enumerate(chunks)]
+    placed = {"video": [False] * len(frames), "audio": [False] * len(windows)}
+    ids: list[int] = []
+    for kind, first, stop in track_runs(thinker_config, grid_thw, second_per_grid, audio_tokens):
+        units, token = (frames, v_id) if kind == "video" else (windows, a_id)
+        for u, (lo, hi, kept) in enumerate(units):
+            overlap = min(stop, hi) - max(first, lo)
+            if overlap <= 0:
+                continue
+            if kept == hi - lo:
+                ids += [token] * overlap
+            elif not placed[kind][u]:
+                ids += [token] * kept
+            placed[kind][u] = True
     return [thinker_config.audio_start_token_id] + ids + [thinker_config.audio_end_token_id]
 
 
